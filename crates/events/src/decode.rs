@@ -1,0 +1,115 @@
+use serde::de::DeserializeOwned;
+
+use crate::workspace::{
+    WorkspaceDeleted, WorkspaceEvent, WorkspaceFailed, WorkspaceProvisioning, WorkspaceRequested,
+    WorkspaceRunning, WorkspaceStopped, WorkspaceStopping,
+};
+use crate::{CloudEvent, EventData};
+
+/// A decoded event of any context.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum DomainEvent {
+    /// A workspace lifecycle event.
+    Workspace(WorkspaceEvent),
+    /// A type this build does not know (newer producer, or another tool's
+    /// event on our stream). Consumers log it and move on.
+    Unknown {
+        /// The envelope's `type`.
+        event_type: String,
+    },
+}
+
+/// A known event type whose `data` does not match its schema.
+#[derive(Debug, thiserror::Error)]
+#[error("event {event_id} of type {event_type} has invalid data")]
+pub struct DecodeError {
+    /// Envelope id.
+    pub event_id: String,
+    /// Envelope type.
+    pub event_type: String,
+    /// Cause.
+    #[source]
+    pub source: serde_json::Error,
+}
+
+fn data<E: EventData + DeserializeOwned>(event: &CloudEvent) -> Result<E, DecodeError> {
+    E::deserialize(&event.data).map_err(|source| DecodeError {
+        event_id: event.id.clone(),
+        event_type: event.event_type.clone(),
+        source,
+    })
+}
+
+impl DomainEvent {
+    /// Decodes an envelope's payload according to its `type`.
+    ///
+    /// An unknown type is not an error: it yields [`DomainEvent::Unknown`].
+    pub fn decode(event: &CloudEvent) -> Result<Self, DecodeError> {
+        use WorkspaceEvent as W;
+        let decoded = match event.event_type.as_str() {
+            WorkspaceRequested::TYPE => DomainEvent::Workspace(W::Requested(data(event)?)),
+            WorkspaceProvisioning::TYPE => DomainEvent::Workspace(W::Provisioning(data(event)?)),
+            WorkspaceRunning::TYPE => DomainEvent::Workspace(W::Running(data(event)?)),
+            WorkspaceStopping::TYPE => DomainEvent::Workspace(W::Stopping(data(event)?)),
+            WorkspaceStopped::TYPE => DomainEvent::Workspace(W::Stopped(data(event)?)),
+            WorkspaceFailed::TYPE => DomainEvent::Workspace(W::Failed(data(event)?)),
+            WorkspaceDeleted::TYPE => DomainEvent::Workspace(W::Deleted(data(event)?)),
+            other => DomainEvent::Unknown {
+                event_type: other.to_owned(),
+            },
+        };
+        Ok(decoded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::AggregateId;
+
+    fn envelope(event_type: &str, data: serde_json::Value) -> CloudEvent {
+        let id = AggregateId::new("a").unwrap();
+        let mut event = CloudEvent::new(
+            "k8shell/test",
+            &id,
+            &WorkspaceStopped { reason: "x".into() },
+        )
+        .unwrap();
+        event.event_type = event_type.into();
+        event.data = data;
+        event
+    }
+
+    #[test]
+    fn unknown_type_is_a_value_not_an_error() {
+        let event = envelope(
+            "k8shell.workspace.teleported.v9",
+            serde_json::json!({"x": 1}),
+        );
+        assert_eq!(
+            DomainEvent::decode(&event).unwrap(),
+            DomainEvent::Unknown {
+                event_type: "k8shell.workspace.teleported.v9".into()
+            }
+        );
+    }
+
+    #[test]
+    fn known_type_with_wrong_shape_is_an_error() {
+        let event = envelope(WorkspaceRequested::TYPE, serde_json::json!({"username": 3}));
+        let err = DomainEvent::decode(&event).unwrap_err();
+        assert_eq!(err.event_type, WorkspaceRequested::TYPE);
+    }
+
+    #[test]
+    fn known_type_decodes() {
+        let event = envelope(WorkspaceFailed::TYPE, serde_json::json!({"reason": "oom"}));
+        assert_eq!(
+            DomainEvent::decode(&event).unwrap(),
+            DomainEvent::Workspace(WorkspaceEvent::Failed(WorkspaceFailed {
+                reason: "oom".into()
+            }))
+        );
+    }
+}

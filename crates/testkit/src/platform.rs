@@ -1,0 +1,69 @@
+use k8shell_embedded::Durability;
+use k8shell_platform::{Platform, PlatformConfig, Ports};
+use k8shell_service::Shutdown;
+use tempfile::TempDir;
+
+/// A whole platform on free loopback ports with private, throw-away NATS
+/// and PostgreSQL; started through the same code as `k8shell up`.
+pub struct TestPlatform {
+    platform: Option<Platform>,
+    dir: TempDir,
+}
+
+impl TestPlatform {
+    /// Starts the platform with private servers.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_urls(None, None).await
+    }
+
+    /// Starts the platform on the given NATS and PostgreSQL (as `k8shell up`
+    /// does with `NATS_URL` / `DATABASE_URL`); private ones where `None`.
+    pub async fn start_with_urls(
+        nats_url: Option<String>,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Self> {
+        crate::init_tracing();
+        let dir = tempfile::Builder::new()
+            .prefix("k8shell-platform-")
+            .tempdir()?;
+        let mut config = PlatformConfig::embedded(dir.path().to_path_buf());
+        config.ports = Ports::ephemeral();
+        config.durability = Durability::Ephemeral;
+        config.nats_url = nats_url;
+        config.database_url = database_url;
+        let platform = Platform::start(config, Shutdown::new()).await?;
+        Ok(Self {
+            platform: Some(platform),
+            dir,
+        })
+    }
+
+    /// The running platform.
+    pub fn platform(&self) -> &Platform {
+        // Only `stop` takes the platform, and it consumes `self`.
+        self.platform
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("platform taken before stop"))
+    }
+
+    /// `http://<addr>` of a service's listener, e.g. `("provisioner", "grpc")`.
+    pub fn url(&self, service: &str, role: &str) -> String {
+        match self.platform().listener(service, role) {
+            Some(addr) => format!("http://{addr}"),
+            None => panic!("{service} has no {role} listener"),
+        }
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Stops everything and reports the first service error.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        match self.platform.take() {
+            Some(platform) => platform.stop().await,
+            None => Ok(()),
+        }
+    }
+}

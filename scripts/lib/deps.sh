@@ -1,0 +1,88 @@
+# shellcheck shell=bash
+# Installs what k8shell needs and is missing. Idempotent: a second run only
+# checks. Sourced by scripts/up and scripts/test.
+
+# Debian packages the platform and its tests use.
+K8SHELL_APT_PACKAGES=(
+  nats-server      # event bus (a private server is started per platform/test)
+  postgresql       # projections (a private cluster is started per platform/test)
+  podman runc      # local workspace runtime
+  openssh-client   # SSH end-to-end tests
+    busybox-static   # a workspace image without libc, for k8shelld end-to-end tests
+  debootstrap      # builds the Debian workspace image locally
+    procps           # top, for the terminal reattach test
+  curl ca-certificates pkg-config
+
+)
+
+k8shell_as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+k8shell_install_apt() {
+  local missing=()
+  for pkg in "${K8SHELL_APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+      missing+=("$pkg")
+    fi
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "k8shell: installing ${missing[*]}"
+    k8shell_as_root apt-get update -qq
+    # policy-rc.d-free machines may try to start the packaged services; ours
+    # are private per platform, so a failure to start those is harmless.
+    DEBIAN_FRONTEND=noninteractive k8shell_as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+k8shell_check_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+      export PATH="$HOME/.cargo/bin:$PATH"
+    else
+      echo "k8shell: a Rust toolchain (1.95 or newer) is needed: https://rustup.rs" >&2
+      exit 1
+    fi
+  fi
+}
+
+k8shell_install_nextest() {
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "k8shell: installing cargo-nextest"
+    cargo install --locked cargo-nextest
+  fi
+}
+
+# Podman settings are project-owned (runc runtime, no default ulimits), not
+# written to /etc.
+k8shell_podman_env() {
+  export CONTAINERS_CONF="$K8SHELL_ROOT/deploy/local/containers.conf"
+}
+
+# The default Debian workspace image (cached; rebuilt when its recipe
+# changes). Prints the image name.
+k8shell_workspace_image() {
+  k8shell_as_root env CONTAINERS_CONF="$CONTAINERS_CONF" "$K8SHELL_ROOT/deploy/images/debian/build.sh"
+}
+
+k8shell_deps() {
+
+  k8shell_install_apt
+  k8shell_check_rust
+  k8shell_podman_env
+}
+
+# k8shelld runs as PID 1 in images that may have no libc, so it is built
+# statically (glibc with crt-static; only the gnu target is available here).
+# Prints the binary's path.
+k8shell_build_static_k8shelld() {
+  local triple target
+  triple="$(rustc -vV | sed -n 's/^host: //p')"
+  target="${CARGO_TARGET_DIR:-$K8SHELL_ROOT/target}"
+  local var="CARGO_TARGET_$(echo "$triple" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+    # `|| return`: a failed build must not hand back a stale binary.
+  env "$var=-C target-feature=+crt-static" \
+    cargo build --release --locked --target "$triple" -p k8shell-k8shelld --bin k8shelld >&2 || return 1
+
+  echo "$target/$triple/release/k8shelld"
+}

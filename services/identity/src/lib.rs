@@ -1,0 +1,7 @@
+//! Identity: users, organisations, roles, SSH keys, tokens, login and JWT issuing.
+//!
+//! So far the service serves its admin endpoint (`/healthz`, `/readyz`,
+//! `/metrics`) so the platform can supervise it; its API arrives with its
+//! own issue.
+
+k8shell_service::admin_only_service!("identity", 7501);

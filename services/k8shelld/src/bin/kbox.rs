@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    k8shell_k8shelld::kbox::main(std::env::args().skip(1).collect())
+}

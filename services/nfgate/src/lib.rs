@@ -1,0 +1,7 @@
+//! nfgate: nftables sets of blocked addresses, fed by ban events.
+//!
+//! So far the service serves its admin endpoint (`/healthz`, `/readyz`,
+//! `/metrics`) so the platform can supervise it; its API arrives with its
+//! own issue.
+
+k8shell_service::admin_only_service!("nfgate", 7507);

@@ -1,0 +1,214 @@
+//! The provisioner: blueprints and the workspace lifecycle.
+//!
+//! Commands arrive over gRPC, are decided on the workspace aggregate loaded
+//! from `k8shell.evt.workspace.<id>`, and are appended as events; reads come
+//! from the `provisioner-workspaces` projection in the `provisioner` schema.
+
+mod api;
+mod id;
+mod projection;
+mod read_model;
+mod workspace;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8shell_bus::{Bus, BusConfig, BusMetrics, Projection, ProjectionRunner};
+use k8shell_proto::provisioner::v1::provisioner_service_server::ProvisionerServiceServer;
+use k8shell_service::{
+    AdminServer, Health, RunningService, Shutdown, connect_schema, drain, spawn_probe,
+};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub use projection::WorkspaceProjection;
+
+/// Service name, as reported by health endpoints.
+pub const NAME: &str = "provisioner";
+/// Postgres schema owned by the provisioner.
+pub const SCHEMA: &str = "provisioner";
+/// CloudEvents `source` of events the provisioner appends.
+pub const EVENT_SOURCE: &str = "k8shell/provisioner";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Provisioner configuration (env prefix `K8SHELL_PROVISIONER_`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC API address.
+    pub grpc_addr: SocketAddr,
+    /// Health and metrics address.
+    pub admin_addr: SocketAddr,
+    /// Event bus.
+    pub bus: BusConfig,
+    /// Postgres URL (the service uses its own schema in that database).
+    pub database_url: String,
+    /// Longest a stop waits for in-flight work.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7404)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 7504)),
+            bus: BusConfig::default(),
+            database_url: "postgres://localhost/k8shell".to_owned(),
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Applies the provisioner's schema migrations to a pool scoped to [`SCHEMA`].
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Projections the provisioner keeps, for `k8shell projections`.
+pub fn projections() -> Vec<Arc<dyn Projection>> {
+    vec![Arc::new(WorkspaceProjection)]
+}
+
+/// Starts the provisioner and returns once it listens.
+pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<RunningService> {
+    let mut registry = Registry::default();
+    let bus_metrics = BusMetrics::register(&mut registry);
+    let health = Health::new();
+    for component in ["bus", "postgres", "projection"] {
+        health.register(component);
+    }
+
+    let pool = connect_schema(&config.database_url, SCHEMA, 10)
+        .await
+        .context("failed to connect to postgres")?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("failed to run provisioner migrations")?;
+    let bus = Bus::connect(config.bus.clone(), bus_metrics)
+        .await
+        .context("failed to connect to nats")?;
+    bus.ensure_streams()
+        .await
+        .context("failed to set up event streams")?;
+
+    // Bind before spawning anything, so a busy port fails the start.
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("failed to bind grpc on {}", config.grpc_addr))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let admin = AdminServer::bind(config.admin_addr, NAME, health.clone(), Arc::new(registry))
+        .await
+        .with_context(|| format!("failed to bind admin on {}", config.admin_addr))?;
+    let admin_addr = admin.local_addr()?;
+
+    let components = shutdown.child();
+    let mut tasks = JoinSet::new();
+    {
+        let shutdown = components.clone();
+        tasks.spawn(async move { Ok(admin.serve(shutdown).await?) });
+    }
+    {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<ProvisionerServiceServer<api::ProvisionerApi>>()
+            .await;
+        let api = api::ProvisionerApi {
+            store: bus.event_store(),
+            pool: pool.clone(),
+        };
+        let shutdown = components.clone();
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(ProvisionerServiceServer::new(api))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    async move {
+                        shutdown.wait().await;
+                        reporter
+                            .set_not_serving::<ProvisionerServiceServer<api::ProvisionerApi>>()
+                            .await;
+                    },
+                )
+                .await
+                .context("grpc server failed")
+        });
+    }
+    {
+        let reporter_health = health.clone();
+        let runner =
+            ProjectionRunner::new(bus.clone(), pool.clone(), Arc::new(WorkspaceProjection))
+                .health_reporter(Arc::new(move |state: Result<(), String>| match state {
+                    Ok(()) => reporter_health.ready("projection"),
+                    Err(detail) => reporter_health.not_ready("projection", detail),
+                }));
+        let token = components.token();
+        tasks.spawn(async move { Ok(runner.run(token).await?) });
+    }
+    {
+        let probe_bus = bus.clone();
+        let probe = spawn_probe(
+            health.clone(),
+            "bus",
+            Duration::from_secs(1),
+            components.clone(),
+            move || {
+                let state = probe_bus.connection_state();
+                async move { state }
+            },
+        );
+        tasks.spawn(async move { probe.await? });
+        let pool = pool.clone();
+        let probe = spawn_probe(
+            health.clone(),
+            "postgres",
+            Duration::from_secs(1),
+            components.clone(),
+            move || {
+                let pool = pool.clone();
+                async move {
+                    sqlx::query("SELECT 1")
+                        .execute(&pool)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("postgres: {e}"))
+                }
+            },
+        );
+        tasks.spawn(async move { probe.await? });
+    }
+
+    let grace = config.shutdown_grace;
+    let task = tokio::spawn(async move {
+        // A component that exits early takes the service down with it.
+        let first = tokio::select! {
+            _ = shutdown.wait() => None,
+            exited = tasks.join_next() => exited,
+        };
+        components.trigger();
+        let drained = drain(tasks, grace).await;
+        pool.close().await;
+        if let Some(Ok(Err(error))) = first {
+            return Err(error.context("provisioner component failed"));
+        }
+        drained
+    });
+    tracing::info!(%grpc_addr, %admin_addr, "provisioner started");
+    Ok(RunningService {
+        name: NAME,
+        listeners: vec![("grpc", grpc_addr), ("admin", admin_addr)],
+        task,
+    })
+}
+
+/// Runs the provisioner until shutdown.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    start(config, shutdown).await?.task.await?
+}

@@ -1,0 +1,7 @@
+//! Session: active sessions, recordings and replay, audit queries.
+//!
+//! So far the service serves its admin endpoint (`/healthz`, `/readyz`,
+//! `/metrics`) so the platform can supervise it; its API arrives with its
+//! own issue.
+
+k8shell_service::admin_only_service!("session", 7503);
