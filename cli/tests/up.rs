@@ -23,6 +23,14 @@ fn up(data_dir: &Path) -> Child {
         .args(["up", "--ephemeral-ports"])
         .env_remove("NATS_URL")
         .env_remove("DATABASE_URL")
+        .env(
+            "K8SHELL_BLUEPRINTS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../blueprints"),
+        )
+        // No k8shelld to install: this test's workspace is recorded and its
+        // provisioning fails fast instead of leaving a pod behind.
+        .env_remove("K8SHELL_K8SHELLD_STATIC")
+        .env("K8SHELL_WORKSPACE_NETWORK", "none")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -126,6 +134,7 @@ async fn up_reports_healthy_stops_within_five_seconds_and_keeps_data() {
         .create_workspace(CreateWorkspaceRequest {
             username: "carol".into(),
             blueprint: "dev".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

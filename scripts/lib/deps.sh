@@ -7,10 +7,11 @@ K8SHELL_APT_PACKAGES=(
   nats-server      # event bus (a private server is started per platform/test)
   postgresql       # projections (a private cluster is started per platform/test)
   podman runc      # local workspace runtime
+  catatonit        # init of podman pods' infra container (kube play)
   openssh-client   # SSH end-to-end tests
-    busybox-static   # a workspace image without libc, for k8shelld end-to-end tests
+  busybox-static   # a workspace image without libc, for k8shelld end-to-end tests
   debootstrap      # builds the Debian workspace image locally
-    procps           # top, for the terminal reattach test
+  procps           # top, for the terminal reattach test
   curl ca-certificates pkg-config
 
 )

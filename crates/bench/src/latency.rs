@@ -74,6 +74,7 @@ fn requested(id: &AggregateId) -> CloudEvent {
             workspace_id: id.to_string(),
             username: "bench".into(),
             blueprint: "dev".into(),
+            metadata: Default::default(),
         },
     )
     .unwrap()

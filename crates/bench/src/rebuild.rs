@@ -34,6 +34,7 @@ pub async fn rebuild(env: &BenchEnv, target: u64) -> anyhow::Result<Section> {
                 workspace_id: id.to_string(),
                 username: "bench".into(),
                 blueprint: "dev".into(),
+                metadata: Default::default(),
             },
         )?;
         pending.push(

@@ -192,6 +192,71 @@ impl EventStore {
         }
     }
 
+    /// Follows one aggregate's events after `after_sequence`, live, until
+    /// the stream is dropped. An ordered consumer: gap-free and in order,
+    /// recreated by the client on its own after a disconnect.
+    pub async fn watch(
+        &self,
+        context: Context,
+        aggregate: &AggregateId,
+        after_sequence: u64,
+    ) -> Result<impl futures::Stream<Item = Result<StoredEvent, LoadError>> + Send + use<>, LoadError>
+    {
+        let subject = subject(context, aggregate);
+        let wrap = {
+            let subject = subject.clone();
+            move |source: async_nats::Error| LoadError {
+                subject: subject.clone(),
+                source,
+            }
+        };
+        let stream = self
+            .jetstream
+            .get_stream_no_info(stream_name(context))
+            .await
+            .map_err(|e| wrap(e.into()))?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: if after_sequence == 0 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: after_sequence + 1,
+                    }
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| wrap(e.into()))?;
+        let messages = consumer.messages().await.map_err(|e| wrap(e.into()))?;
+        Ok(futures::StreamExt::filter_map(messages, move |message| {
+            let wrap = wrap.clone();
+            let subject = subject.clone();
+            async move {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(error) => return Some(Err(wrap(error.into()))),
+                };
+                let sequence = match message.info() {
+                    Ok(info) => info.stream_sequence,
+                    Err(error) => return Some(Err(wrap(error))),
+                };
+                match CloudEvent::from_json(&message.payload) {
+                    Ok(envelope) => Some(Ok(StoredEvent {
+                        sequence,
+                        subject,
+                        envelope,
+                    })),
+                    Err(error) => {
+                        tracing::warn!(subject, sequence, %error, "skipping malformed event while watching");
+                        None
+                    }
+                }
+            }
+        }))
+    }
+
     /// Loads an aggregate by replaying its subject.
     ///
     /// Envelopes that do not parse are logged and left out; they still count

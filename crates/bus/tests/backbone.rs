@@ -81,6 +81,7 @@ fn requested(id: &AggregateId, n: usize) -> CloudEvent {
             workspace_id: id.to_string(),
             username: format!("user{n}"),
             blueprint: "dev".into(),
+            metadata: Default::default(),
         },
     )
     .unwrap()

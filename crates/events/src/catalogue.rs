@@ -3,8 +3,8 @@ use std::fmt::Write as _;
 use schemars::{Schema, SchemaGenerator};
 
 use crate::workspace::{
-    WorkspaceDeleted, WorkspaceFailed, WorkspaceProvisioning, WorkspaceRequested, WorkspaceRunning,
-    WorkspaceStopped, WorkspaceStopping,
+    WorkspaceDeleted, WorkspaceFailed, WorkspaceIdleWarning, WorkspaceProvisioning,
+    WorkspaceRequested, WorkspaceRunning, WorkspaceStopped, WorkspaceStopping,
 };
 use crate::{Context, EventData, SUBJECT_PREFIX};
 
@@ -41,6 +41,7 @@ pub fn catalogue() -> Vec<EventTypeInfo> {
         entry::<WorkspaceStopped>("WorkspaceStopped"),
         entry::<WorkspaceFailed>("WorkspaceFailed"),
         entry::<WorkspaceDeleted>("WorkspaceDeleted"),
+        entry::<WorkspaceIdleWarning>("WorkspaceIdleWarning"),
     ]
 }
 

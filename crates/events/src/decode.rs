@@ -1,8 +1,8 @@
 use serde::de::DeserializeOwned;
 
 use crate::workspace::{
-    WorkspaceDeleted, WorkspaceEvent, WorkspaceFailed, WorkspaceProvisioning, WorkspaceRequested,
-    WorkspaceRunning, WorkspaceStopped, WorkspaceStopping,
+    WorkspaceDeleted, WorkspaceEvent, WorkspaceFailed, WorkspaceIdleWarning, WorkspaceProvisioning,
+    WorkspaceRequested, WorkspaceRunning, WorkspaceStopped, WorkspaceStopping,
 };
 use crate::{CloudEvent, EventData};
 
@@ -55,6 +55,7 @@ impl DomainEvent {
             WorkspaceStopped::TYPE => DomainEvent::Workspace(W::Stopped(data(event)?)),
             WorkspaceFailed::TYPE => DomainEvent::Workspace(W::Failed(data(event)?)),
             WorkspaceDeleted::TYPE => DomainEvent::Workspace(W::Deleted(data(event)?)),
+            WorkspaceIdleWarning::TYPE => DomainEvent::Workspace(W::IdleWarning(data(event)?)),
             other => DomainEvent::Unknown {
                 event_type: other.to_owned(),
             },

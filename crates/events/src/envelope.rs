@@ -110,6 +110,7 @@ mod tests {
             workspace_id: id.to_string(),
             username: "bob".into(),
             blueprint: "dev".into(),
+            metadata: Default::default(),
         };
         let event = CloudEvent::new("k8shell/test", &id, &data).unwrap();
         let json: serde_json::Value = serde_json::from_slice(&event.to_json()).unwrap();
@@ -132,6 +133,7 @@ mod tests {
             workspace_id: "x".into(),
             username: "x".into(),
             blueprint: "x".into(),
+            metadata: Default::default(),
         };
         let mut event = CloudEvent::new("k8shell/test", &id, &data).unwrap();
         event.specversion = "0.3".into();

@@ -27,6 +27,10 @@ pub struct WorkspaceRequested {
     pub username: String,
     /// Blueprint the workspace is built from.
     pub blueprint: String,
+    /// Free-form key/values from the request, in scope of the blueprint's
+    /// CEL expressions as `metadata`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 workspace_event!(
     WorkspaceRequested,
@@ -41,6 +45,9 @@ pub struct WorkspaceProvisioning {
     pub stage: String,
     /// Rough completion, 0 to 100.
     pub progress_percent: u8,
+    /// What the runtime reported at this stage.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 workspace_event!(
     WorkspaceProvisioning,
@@ -104,6 +111,20 @@ pub struct WorkspaceDeleted {
 }
 workspace_event!(WorkspaceDeleted, "deleted", "The workspace was removed.");
 
+/// The workspace has been idle and will be stopped unless it is used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkspaceIdleWarning {
+    /// Seconds since the last session or input.
+    pub idle_seconds: u64,
+    /// Seconds until the stop, if the workspace stays idle.
+    pub stop_in_seconds: u64,
+}
+workspace_event!(
+    WorkspaceIdleWarning,
+    "idle_warning",
+    "The workspace is idle and will be stopped soon unless it is used."
+);
+
 /// Every workspace event this build understands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum WorkspaceEvent {
@@ -121,4 +142,6 @@ pub enum WorkspaceEvent {
     Failed(WorkspaceFailed),
     /// See [`WorkspaceDeleted`].
     Deleted(WorkspaceDeleted),
+    /// See [`WorkspaceIdleWarning`].
+    IdleWarning(WorkspaceIdleWarning),
 }

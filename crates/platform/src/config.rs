@@ -69,6 +69,54 @@ pub struct PlatformConfig {
     pub ports: Ports,
     /// Durability of the private PostgreSQL cluster.
     pub durability: Durability,
+    /// How workspaces are built and run.
+    pub workspaces: WorkspaceOptions,
+}
+
+/// Workspace settings of an embedded platform.
+#[derive(Clone, Debug)]
+pub struct WorkspaceOptions {
+    /// Blueprint directory.
+    pub blueprints_dir: PathBuf,
+    /// The static k8shelld the install image is built from.
+    pub k8shelld_binary: Option<PathBuf>,
+    /// containers.conf for podman (else podman's own lookup, which honours
+    /// `CONTAINERS_CONF` in the environment).
+    pub containers_conf: Option<PathBuf>,
+    /// `podman kube play --network`.
+    pub network: String,
+    /// How often the blueprint directory is checked for changes.
+    pub blueprint_reload_interval: std::time::Duration,
+    /// Lifecycle settings.
+    pub lifecycle: k8shell_provisioner::LifecycleConfig,
+}
+
+impl WorkspaceOptions {
+    /// Defaults: `./blueprints` when it exists (a checkout), else
+    /// /etc/k8shell/blueprints; bridge networking.
+    pub fn detect(env: &std::collections::HashMap<String, String>) -> Self {
+        let var = |name: &str| env.get(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let blueprints_dir = var("K8SHELL_BLUEPRINTS_DIR").unwrap_or_else(|| {
+            let local = PathBuf::from("blueprints");
+            if local.is_dir() {
+                local
+            } else {
+                PathBuf::from("/etc/k8shell/blueprints")
+            }
+        });
+        Self {
+            blueprints_dir,
+            k8shelld_binary: var("K8SHELL_K8SHELLD_STATIC"),
+            containers_conf: var("CONTAINERS_CONF"),
+            network: env
+                .get("K8SHELL_WORKSPACE_NETWORK")
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .unwrap_or_else(|| "bridge".to_owned()),
+            blueprint_reload_interval: std::time::Duration::from_secs(2),
+            lifecycle: k8shell_provisioner::LifecycleConfig::default(),
+        }
+    }
 }
 
 impl PlatformConfig {
@@ -81,6 +129,7 @@ impl PlatformConfig {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             ports: Ports::default(),
             durability: Durability::Durable,
+            workspaces: WorkspaceOptions::detect(&std::collections::HashMap::new()),
         }
     }
 }

@@ -16,7 +16,7 @@ use k8shell_bus::BusConfig;
 use k8shell_embedded::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions};
 use k8shell_service::{RunningService, Shutdown};
 
-pub use config::{PlatformConfig, Ports, default_data_dir};
+pub use config::{PlatformConfig, Ports, WorkspaceOptions, default_data_dir};
 pub use state::{PlatformState, ServiceState};
 pub use status::{ServiceHealth, probe_services};
 
@@ -136,6 +136,18 @@ impl Platform {
                 bus: bus.clone(),
                 database_url: database_url.to_owned(),
                 shutdown_grace: Duration::from_secs(3),
+                blueprints_dir: config.workspaces.blueprints_dir.clone(),
+                blueprint_reload_interval: config.workspaces.blueprint_reload_interval,
+                state_dir: config.data_dir.join("provisioner"),
+                podman: k8shell_provisioner::PodmanConfig {
+                    containers_conf: config.workspaces.containers_conf.clone(),
+                    network: config.workspaces.network.clone(),
+                    state_dir: config.data_dir.join("workspaces"),
+                    k8shelld_binary: config.workspaces.k8shelld_binary.clone(),
+                    ..Default::default()
+                },
+                lifecycle: config.workspaces.lifecycle.clone(),
+                ..Default::default()
             },
             child(),
         )

@@ -88,7 +88,11 @@ pub fn init(
     let fmt_layer = if config.json {
         tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        // Colours only for a terminal: container logs and files get plain text.
+        use std::io::IsTerminal;
+        tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stdout().is_terminal())
+            .boxed()
     };
     // The buffer gets plain lines (no colours) whatever stderr gets.
     let buffer_layer = config.buffer.clone().map(|buffer| {

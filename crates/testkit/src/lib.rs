@@ -12,11 +12,13 @@ use k8shell_embedded::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions
 use sqlx::PgPool;
 use tempfile::TempDir;
 
+mod exec;
 mod pki;
 mod platform;
 mod sftp;
 mod tokens;
 
+pub use exec::{ExecOutput, exec};
 pub use pki::{TestPki, test_pki};
 pub use platform::TestPlatform;
 pub use sftp::sftp_session;

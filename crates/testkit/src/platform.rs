@@ -27,6 +27,18 @@ impl TestPlatform {
             .prefix("k8shell-platform-")
             .tempdir()?;
         let mut config = PlatformConfig::embedded(dir.path().to_path_buf());
+        // The repository's blueprints, in a directory the test may add to.
+        let blueprints = dir.path().join("blueprints");
+        std::fs::create_dir_all(&blueprints)?;
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../blueprints");
+        for entry in std::fs::read_dir(&source)? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), blueprints.join(entry.file_name()))?;
+        }
+        config.workspaces.blueprints_dir = blueprints;
+        config.workspaces.blueprint_reload_interval = std::time::Duration::from_millis(100);
+        // Workspaces of platform tests never reach a network.
+        config.workspaces.network = "none".to_owned();
         config.ports = Ports::ephemeral();
         config.durability = Durability::Ephemeral;
         config.nats_url = nats_url;

@@ -8,7 +8,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export CONTAINERS_CONF="${CONTAINERS_CONF:-$here/../../local/containers.conf}"
 recipe="$(sha256sum "$here/build.sh" | cut -c1-12)"
 image="localhost/k8shell-debian:$recipe"
+# Blueprints name the stable alias; it follows the current recipe.
+alias="localhost/k8shell-debian:bookworm"
 if podman image exists "$image"; then
+  podman tag "$image" "$alias" >&2
   echo "$image"
   exit 0
 fi
@@ -24,4 +27,5 @@ rm -rf "$work/root/var/cache/apt/archives/"*.deb "$work/root/var/lib/apt/lists/"
 echo "C.UTF-8 UTF-8" > "$work/root/etc/locale.gen"
 tar -C "$work/root" -cf "$work/root.tar" .
 podman import -q "$work/root.tar" "$image" >&2
+podman tag "$image" "$alias" >&2
 echo "$image"

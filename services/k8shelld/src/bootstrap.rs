@@ -172,6 +172,8 @@ pub fn ensure_user(root: &Path, user: &WorkspaceUser) -> Result<PathBuf, Bootstr
             Some(nix::unistd::Uid::from_raw(user.uid)),
             Some(nix::unistd::Gid::from_raw(user.gid)),
         );
+    } else {
+        hand_over_mount_point(&home_dir, user)?;
     }
     if user.sudo {
         let sudoers = etc.join("sudoers.d");
@@ -184,6 +186,30 @@ pub fn ensure_user(root: &Path, user: &WorkspaceUser) -> Result<PathBuf, Bootstr
         )?;
     }
     Ok(home_dir)
+}
+
+/// A directory on a fresh volume is a root-owned mount point: give it to
+/// the workspace user (the directory only; what is inside was put there by
+/// someone and keeps its owner). A missing path is left alone.
+pub fn hand_over_mount_point(path: &Path, user: &WorkspaceUser) -> Result<(), BootstrapError> {
+    use std::os::unix::fs::MetadataExt;
+    if user.uid == 0 {
+        return Ok(());
+    }
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(io(format!("cannot stat {}", path.display()))(error)),
+    };
+    if metadata.is_dir() && metadata.uid() == 0 {
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(user.uid)),
+            Some(nix::unistd::Gid::from_raw(user.gid)),
+        )
+        .map_err(|e| io(format!("cannot chown {}", path.display()))(std::io::Error::from(e)))?;
+    }
+    Ok(())
 }
 
 /// Outcome of one init script, as recorded across restarts.

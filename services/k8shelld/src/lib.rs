@@ -15,6 +15,7 @@ mod bootstrap;
 mod chunks;
 mod exec;
 mod forward;
+pub mod install;
 pub mod kbox;
 
 mod pid1;
@@ -118,6 +119,9 @@ pub struct Config {
     pub bootstrap_user: Option<bootstrap::WorkspaceUser>,
     /// Scripts run once each, in order, after the daemon serves.
     pub init_scripts: Vec<bootstrap::InitScript>,
+    /// Volume mount points the bootstrap user should own (a fresh volume
+    /// is root's).
+    pub user_volumes: Vec<PathBuf>,
     /// Where k8shelld keeps state across restarts (init script records, logs).
     pub state_dir: PathBuf,
     /// Local REST API socket (for `kbox`), open to the workspace user and root.
@@ -153,6 +157,7 @@ impl Default for Config {
             stop_grace: Duration::from_secs(2),
             bootstrap_user: None,
             init_scripts: Vec::new(),
+            user_volumes: Vec::new(),
             state_dir: PathBuf::from("/var/lib/k8shelld"),
             local_api_path: PathBuf::from("/run/k8shelld.sock"),
             sftp_server: None,
@@ -188,6 +193,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     if let Some(user) = &config.bootstrap_user {
         bootstrap::ensure_user(std::path::Path::new("/"), user)
             .with_context(|| format!("cannot create the workspace user {}", user.name))?;
+        for path in &config.user_volumes {
+            bootstrap::hand_over_mount_point(path, user)
+                .with_context(|| format!("cannot give {} to {}", path.display(), user.name))?;
+        }
     }
     let default_user = match (&config.bootstrap_user, config.user.is_empty()) {
         (_, false) => config.user.clone(),

@@ -7,6 +7,10 @@ fn main() -> std::process::ExitCode {
     {
         return k8shell_k8shelld::kbox::main(std::env::args().skip(1).collect());
     }
+    if std::env::args().nth(1).as_deref() == Some("install") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return k8shell_k8shelld::install::main(&args);
+    }
     if std::env::args().nth(1).as_deref() == Some("sftp-server") {
         return k8shell_k8shelld::serve_sftp_stdio();
     }

@@ -5,12 +5,18 @@
 //! from the `provisioner-workspaces` projection in the `provisioner` schema.
 
 mod api;
+pub mod blueprint;
+pub mod controller;
+mod daemon;
 mod id;
 mod projection;
 mod read_model;
+pub mod runtime;
+pub mod tokens;
 mod workspace;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +31,15 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+pub use controller::LifecycleConfig;
 pub use projection::WorkspaceProjection;
+pub use runtime::podman::PodmanConfig;
+
+use crate::blueprint::BlueprintCatalog;
+use crate::controller::Controller;
+use crate::runtime::Runtime;
+use crate::runtime::podman::PodmanRuntime;
+use crate::tokens::WorkspaceTokens;
 
 /// Service name, as reported by health endpoints.
 pub const NAME: &str = "provisioner";
@@ -51,6 +65,28 @@ pub struct Config {
     /// Longest a stop waits for in-flight work.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Directory of blueprint YAML files, watched.
+    pub blueprints_dir: PathBuf,
+    /// How often the blueprint directory is checked for changes.
+    #[serde(with = "humantime_serde")]
+    pub blueprint_reload_interval: Duration,
+    /// The provisioner's own state (its workspace-token signing key).
+    pub state_dir: PathBuf,
+    /// Where workspaces run: `podman` (the default) or `kubernetes`.
+    pub runtime: RuntimeKind,
+    /// Podman runtime settings.
+    pub podman: PodmanConfig,
+    /// Lifecycle timings, idle stop, restarts.
+    pub lifecycle: LifecycleConfig,
+}
+
+/// Which runtime runs workspaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// Pods on the local podman.
+    #[default]
+    Podman,
 }
 
 impl Default for Config {
@@ -61,6 +97,12 @@ impl Default for Config {
             bus: BusConfig::default(),
             database_url: "postgres://localhost/k8shell".to_owned(),
             shutdown_grace: Duration::from_secs(3),
+            blueprints_dir: PathBuf::from("/etc/k8shell/blueprints"),
+            blueprint_reload_interval: Duration::from_secs(2),
+            state_dir: PathBuf::from("/var/lib/k8shell/provisioner"),
+            runtime: RuntimeKind::Podman,
+            podman: PodmanConfig::default(),
+            lifecycle: LifecycleConfig::default(),
         }
     }
 }
@@ -98,6 +140,15 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         .await
         .context("failed to set up event streams")?;
 
+    let tokens = Arc::new(
+        WorkspaceTokens::load_or_create(&config.state_dir.join("workspace-signing-key.pem"))
+            .context("cannot load the workspace token key")?,
+    );
+    let catalog = Arc::new(BlueprintCatalog::open(&config.blueprints_dir));
+    let runtime: Arc<dyn Runtime> = match config.runtime {
+        RuntimeKind::Podman => Arc::new(PodmanRuntime::new(config.podman.clone())),
+    };
+
     // Bind before spawning anything, so a busy port fails the start.
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
@@ -110,6 +161,29 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
 
     let components = shutdown.child();
     let mut tasks = JoinSet::new();
+    let controller = Controller::new(
+        bus.event_store(),
+        pool.clone(),
+        Arc::clone(&catalog),
+        runtime,
+        tokens,
+        config.lifecycle.clone(),
+        components.token(),
+    );
+    {
+        let watcher = catalog.spawn_watcher(config.blueprint_reload_interval, components.clone());
+        tasks.spawn(async move { Ok(watcher.await?) });
+        for handle in controller.spawn_loops() {
+            tasks.spawn(async move { Ok(handle.await?) });
+        }
+        let draining = controller.clone();
+        let shutdown = components.clone();
+        tasks.spawn(async move {
+            shutdown.wait().await;
+            draining.drain().await;
+            Ok(())
+        });
+    }
     {
         let shutdown = components.clone();
         tasks.spawn(async move { Ok(admin.serve(shutdown).await?) });
@@ -120,7 +194,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
             .set_serving::<ProvisionerServiceServer<api::ProvisionerApi>>()
             .await;
         let api = api::ProvisionerApi {
-            store: bus.event_store(),
+            controller: controller.clone(),
             pool: pool.clone(),
         };
         let shutdown = components.clone();

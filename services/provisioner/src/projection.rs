@@ -15,7 +15,7 @@ use k8shell_events::{Context, DomainEvent};
 use sqlx::PgConnection;
 use time::OffsetDateTime;
 
-use crate::workspace::State;
+use crate::workspace::Change;
 
 /// Keeps `workspaces` from the workspace stream.
 pub struct WorkspaceProjection;
@@ -35,8 +35,12 @@ struct Inserts {
 #[derive(Default)]
 struct Updates {
     ids: Vec<String>,
-    states: Vec<String>,
-    reasons: Vec<String>,
+    /// `None` keeps the stored value (SQL NULL, then COALESCE).
+    states: Vec<Option<String>>,
+    reasons: Vec<Option<String>>,
+    endpoints: Vec<Option<String>>,
+    stages: Vec<Option<String>>,
+    progress: Vec<Option<i16>>,
     sequences: Vec<i64>,
     times: Vec<OffsetDateTime>,
 }
@@ -73,10 +77,15 @@ impl Segment {
                 self.inserts.times.push(time);
             }
             other => {
-                let (state, reason) = State::after(other);
+                let change = Change::of(other);
                 self.updates.ids.push(id.clone());
-                self.updates.states.push(state.as_str().to_owned());
-                self.updates.reasons.push(reason);
+                self.updates
+                    .states
+                    .push(change.state.map(|s| s.as_str().to_owned()));
+                self.updates.reasons.push(change.reason);
+                self.updates.endpoints.push(change.endpoint);
+                self.updates.stages.push(change.stage);
+                self.updates.progress.push(change.progress.map(i16::from));
                 self.updates.sequences.push(sequence);
                 self.updates.times.push(time);
             }
@@ -97,7 +106,8 @@ impl Segment {
                       AS u(id, username, blueprint, seq, t)
                  ON CONFLICT (id) DO UPDATE SET
                    username = EXCLUDED.username, blueprint = EXCLUDED.blueprint,
-                   state = EXCLUDED.state, reason = '', created_seq = EXCLUDED.created_seq,
+                   state = EXCLUDED.state, reason = '', endpoint = '', stage = '', progress = 0,
+                   created_seq = EXCLUDED.created_seq,
                    version = EXCLUDED.version, created_at = EXCLUDED.created_at,
                    updated_at = EXCLUDED.updated_at
                  WHERE workspaces.state = 'deleted'",
@@ -113,14 +123,21 @@ impl Segment {
         if !self.updates.ids.is_empty() {
             sqlx::query(
                 "UPDATE workspaces w
-                 SET state = u.state, reason = u.reason, version = u.seq, updated_at = u.t
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[])
-                      AS u(id, state, reason, seq, t)
+                 SET state = COALESCE(u.state, w.state), reason = COALESCE(u.reason, w.reason),
+                     endpoint = COALESCE(u.endpoint, w.endpoint), stage = COALESCE(u.stage, w.stage),
+                     progress = COALESCE(u.progress, w.progress),
+                     version = u.seq, updated_at = u.t
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::smallint[], $7::bigint[], $8::timestamptz[])
+                      AS u(id, state, reason, endpoint, stage, progress, seq, t)
                  WHERE w.id = u.id",
             )
             .bind(&self.updates.ids)
             .bind(&self.updates.states)
             .bind(&self.updates.reasons)
+            .bind(&self.updates.endpoints)
+            .bind(&self.updates.stages)
+            .bind(&self.updates.progress)
             .bind(&self.updates.sequences)
             .bind(&self.updates.times)
             .execute(&mut *db)

@@ -15,8 +15,8 @@ pub struct ListFilter {
     pub limit: i64,
 }
 
-const COLUMNS: &str =
-    "id, username, blueprint, state, reason, created_seq, version, created_at, updated_at";
+const COLUMNS: &str = "id, username, blueprint, state, reason, created_seq, version, created_at, \
+                       updated_at, endpoint, stage, progress";
 
 fn from_row(row: &sqlx::postgres::PgRow) -> Result<(Workspace, i64), sqlx::Error> {
     let state: String = row.try_get("state")?;
@@ -30,6 +30,12 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(Workspace, i64), sqlx::Error
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         version: row.try_get::<i64, _>("version")? as u64,
+        endpoint: row.try_get("endpoint")?,
+        stage: row.try_get("stage")?,
+        progress: row.try_get::<i16, _>("progress")?.clamp(0, 100) as u8,
+        // The read model does not keep these; decisions load the aggregate.
+        metadata: Default::default(),
+        desired_running: false,
     };
     Ok((workspace, row.try_get("created_seq")?))
 }

@@ -35,6 +35,7 @@ fn requested(sequence: u64, id: &str, username: &str) -> (StoredEvent, DomainEve
             workspace_id: id.into(),
             username: username.into(),
             blueprint: "dev".into(),
+            metadata: Default::default(),
         },
     )
 }

@@ -27,6 +27,7 @@ fn create(username: &str, blueprint: &str) -> CreateWorkspaceRequest {
     CreateWorkspaceRequest {
         username: username.into(),
         blueprint: blueprint.into(),
+        ..Default::default()
     }
 }
 
@@ -34,6 +35,12 @@ fn create(username: &str, blueprint: &str) -> CreateWorkspaceRequest {
 async fn create_get_list_through_events_and_projection() {
     let platform = TestPlatform::start().await.unwrap();
     let mut provisioner = client(&platform).await;
+    // A second blueprint, added while the platform runs (it is watched).
+    std::fs::write(
+        platform.dir().join("blueprints/ops.yaml"),
+        "name: ops\ntemplate: dev\n",
+    )
+    .unwrap();
 
     // Watch the stream like an SRE would: the event must be plain CloudEvents JSON.
     let nats = async_nats_client(&platform).await;
@@ -80,8 +87,9 @@ async fn create_get_list_through_events_and_projection() {
         .into_inner();
     assert_eq!(fetched.username, "alice");
     assert_eq!(fetched.blueprint, "dev");
-    assert_eq!(fetched.state(), WorkspaceState::Requested);
-    assert_eq!(fetched.version, workspace.version);
+    // Provisioning began at once (this platform has no k8shelld to run, so
+    // it goes on to fail; the lifecycle is tested against podman elsewhere).
+    assert!(fetched.version >= workspace.version);
 
     // Idempotent: the same request returns the same workspace and appends nothing.
     let again = provisioner
@@ -91,11 +99,19 @@ async fn create_get_list_through_events_and_projection() {
         .into_inner();
     assert!(!again.created);
     assert_eq!(again.workspace.unwrap().id, workspace.id);
+    let requested_again = async {
+        while let Some(message) = events.next().await {
+            let envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            if envelope["type"] == "k8shell.workspace.requested.v1" {
+                return;
+            }
+        }
+    };
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), events.next())
+        tokio::time::timeout(Duration::from_millis(300), requested_again)
             .await
             .is_err(),
-        "a repeated create must not append"
+        "a repeated create must not append a request"
     );
 
     // A second user and blueprint, then list with filters and paging.
@@ -103,10 +119,21 @@ async fn create_get_list_through_events_and_projection() {
         .create_workspace(create("bob", "dev"))
         .await
         .unwrap();
-    provisioner
-        .create_workspace(create("alice", "ops"))
-        .await
-        .unwrap();
+    let mut ops = None;
+    for _ in 0..50 {
+        match provisioner.create_workspace(create("alice", "ops")).await {
+            Ok(created) => {
+                ops = Some(created);
+                break;
+            }
+            // The watcher has not picked the new file up yet.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
+    assert!(ops.is_some(), "the new blueprint was picked up");
     wait_visible(&mut provisioner, 3).await;
 
     let alice_list = provisioner
@@ -288,7 +315,12 @@ async fn external_servers_are_used_when_urls_are_given() {
         .load(k8shell_events::Context::Workspace, &id)
         .await
         .unwrap();
-    assert_eq!(loaded.events.len(), 1);
+    // The request, then provisioning (which fails here: no k8shelld).
+    assert!(!loaded.events.is_empty());
+    assert_eq!(
+        loaded.events[0].envelope.event_type,
+        "k8shell.workspace.requested.v1"
+    );
     let pool = infra.pool("provisioner").await.unwrap();
     let count: i64 = sqlx::query_scalar("SELECT count(*) FROM workspaces WHERE id = $1")
         .bind(&created.id)

@@ -1,0 +1,81 @@
+//! Talking to k8shelld in a workspace: is it answering, and how idle is it.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use k8shell_proto::k8shelld::v1 as pb;
+use k8shell_proto::k8shelld::v1::k8shelld_client::K8shelldClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::tokens::WorkspaceTokens;
+
+/// k8shelld did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The endpoint is not one the provisioner can dial.
+    #[error("unsupported endpoint {0:?}")]
+    Endpoint(String),
+    /// Connecting failed.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The call failed.
+    #[error("k8shelld: {0}")]
+    Call(#[from] tonic::Status),
+    /// No token could be made.
+    #[error("cannot sign a workspace token: {0}")]
+    Token(#[from] crate::tokens::TokenError),
+}
+
+/// What k8shelld reports for idle detection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Activity {
+    /// Last user input, if any.
+    pub last_input: Option<SystemTime>,
+    /// PTY sessions alive (attached or not).
+    pub open_sessions: u32,
+    /// Clients attached to them.
+    pub attached_clients: u32,
+}
+
+async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, DaemonError> {
+    let Some(path) = endpoint.strip_prefix("unix://") else {
+        return Err(DaemonError::Endpoint(endpoint.to_owned()));
+    };
+    let socket = PathBuf::from(path);
+    Endpoint::from_static("http://k8shelld.invalid")
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| DaemonError::Connect(e.to_string()))
+}
+
+/// Asks k8shelld at `endpoint` for its activity, with a fresh token.
+pub async fn activity(
+    endpoint: &str,
+    workspace_id: &str,
+    tokens: &WorkspaceTokens,
+    timeout: Duration,
+) -> Result<Activity, DaemonError> {
+    let token = tokens.token(workspace_id, Duration::from_secs(120))?;
+    let mut client = K8shelldClient::new(channel(endpoint, timeout).await?);
+    let mut request = tonic::Request::new(pb::GetActivityRequest {});
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    let reply = client.get_activity(request).await?.into_inner();
+    Ok(Activity {
+        last_input: reply.last_input_at.and_then(|t| {
+            let seconds = u64::try_from(t.seconds).ok()?;
+            Some(SystemTime::UNIX_EPOCH + Duration::new(seconds, t.nanos.max(0) as u32))
+        }),
+        open_sessions: reply.open_sessions,
+        attached_clients: reply.attached_clients,
+    })
+}
