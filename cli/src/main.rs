@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 mod projections;
 mod status;
 mod up;
+mod workspace;
 
 #[derive(Parser)]
 #[command(name = "k8shell", version, about = "Self-hosted developer workspaces")]
@@ -31,6 +32,11 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Create, list, start, stop, delete and follow workspaces.
+    Workspace {
+        #[command(subcommand)]
+        command: workspace::WorkspaceCommand,
     },
     /// Inspect or rebuild read-model projections.
     Projections {
@@ -61,6 +67,7 @@ fn main() -> ExitCode {
             Command::Up(args) => up::run(args, data_dir, &env).await,
             Command::Status { json } => status::run(&data_dir, json).await,
             Command::Projections { command } => projections::run(command, &data_dir, &env).await,
+            Command::Workspace { command } => workspace::run(command, &data_dir, &env).await,
         }
     });
     match result {

@@ -15,12 +15,14 @@ use tempfile::TempDir;
 mod exec;
 mod pki;
 mod platform;
+mod provisioner;
 mod sftp;
 mod tokens;
 
 pub use exec::{ExecOutput, exec};
 pub use pki::{TestPki, test_pki};
 pub use platform::TestPlatform;
+pub use provisioner::{TestProvisioner, containers_conf, repo_root};
 pub use sftp::sftp_session;
 
 pub use tokens::{TokenIssuer, bearer, unix_channel};

@@ -38,6 +38,7 @@ pub enum TokenError {
 }
 
 /// Signs workspace tokens.
+#[derive(Clone)]
 pub struct WorkspaceTokens {
     kid: String,
     key: EncodingKey,

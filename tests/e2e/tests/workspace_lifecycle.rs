@@ -15,17 +15,8 @@ use k8shell_proto::k8shelld::v1::k8shelld_client::K8shelldClient;
 use k8shell_proto::provisioner::v1 as pb;
 use k8shell_proto::provisioner::v1::provisioner_service_client::ProvisionerServiceClient;
 use k8shell_provisioner::tokens::WorkspaceTokens;
-use k8shell_service::Shutdown;
-use k8shell_testkit::{TestInfra, exec, unix_channel};
+use k8shell_testkit::{TestProvisioner, containers_conf, exec, unix_channel};
 use tonic::transport::Channel;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn containers_conf() -> PathBuf {
-    repo_root().join("deploy/local/containers.conf")
-}
 
 fn podman(args: &[&str]) -> std::process::Output {
     Command::new("podman")
@@ -56,86 +47,26 @@ struct Harness {
     client: ProvisionerServiceClient<Channel>,
     tokens: WorkspaceTokens,
     blueprints: PathBuf,
-    shutdown: Shutdown,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
-    _infra: TestInfra,
+    provisioner: TestProvisioner,
 }
 
 impl Harness {
     async fn start() -> Self {
-        let binary = std::env::var_os("K8SHELL_K8SHELLD_STATIC")
-            .map(PathBuf::from)
-            .expect("K8SHELL_K8SHELLD_STATIC must name the static k8shelld; run ./scripts/test");
-        let image = podman(&["image", "exists", "localhost/k8shell-debian:bookworm"]);
-        assert!(
-            image.status.success(),
-            "the Debian workspace image is missing; run ./scripts/test (it builds it)"
-        );
-        let infra = TestInfra::start().await.unwrap();
-        let dir = tempfile::Builder::new()
-            .prefix("k8shell-ws-")
-            .tempdir()
-            .unwrap();
-        let blueprints = dir.path().join("blueprints");
-        std::fs::create_dir_all(&blueprints).unwrap();
-        for file in ["base.yaml", "dev.yaml"] {
-            std::fs::copy(
-                repo_root().join("blueprints").join(file),
-                blueprints.join(file),
-            )
-            .unwrap();
-        }
-        std::fs::write(blueprints.join("tests.yaml"), TEST_BLUEPRINTS).unwrap();
-        let state_dir = dir.path().join("provisioner");
-        let config = k8shell_provisioner::Config {
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            bus: infra.bus_config(),
-            database_url: infra.postgres.url().to_owned(),
-            blueprints_dir: blueprints.clone(),
-            blueprint_reload_interval: Duration::from_millis(200),
-            state_dir: state_dir.clone(),
-            podman: k8shell_provisioner::PodmanConfig {
-                containers_conf: Some(containers_conf()),
-                network: "none".to_owned(),
-                state_dir: dir.path().join("workspaces"),
-                k8shelld_binary: Some(binary),
-                ..Default::default()
-            },
-            lifecycle: k8shell_provisioner::LifecycleConfig {
-                start_timeout: Duration::from_secs(60),
-                reconcile_interval: Duration::from_secs(2),
-                idle_check_interval: Duration::from_millis(500),
-                idle_warning: Duration::from_secs(2),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let shutdown = Shutdown::new();
-        let running = k8shell_provisioner::start(config, shutdown.clone())
+        let provisioner = TestProvisioner::start(TEST_BLUEPRINTS).await.unwrap();
+        let client = ProvisionerServiceClient::connect(provisioner.url.clone())
             .await
             .unwrap();
-        let addr = running.listener("grpc").unwrap();
-        let client = ProvisionerServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        let tokens =
-            WorkspaceTokens::load_or_create(&state_dir.join("workspace-signing-key.pem")).unwrap();
+        let tokens = provisioner.tokens.clone();
         Self {
             client,
             tokens,
-            blueprints,
-            shutdown,
-            task: running.task,
-            _dir: dir,
-            _infra: infra,
+            blueprints: provisioner.blueprints.clone(),
+            provisioner,
         }
     }
 
     async fn stop(self) {
-        self.shutdown.trigger();
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+        self.provisioner.stop().await;
     }
 
     /// Creates (and starts) a workspace and waits until it runs.

@@ -1,0 +1,115 @@
+//! A provisioner on real NATS, PostgreSQL and podman, with the repository's
+//! blueprints plus a test's own, for workspace tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8shell_provisioner::tokens::WorkspaceTokens;
+use k8shell_service::Shutdown;
+
+use crate::TestInfra;
+
+/// The repository's root (for blueprints and containers.conf).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The project-owned podman configuration.
+pub fn containers_conf() -> PathBuf {
+    repo_root().join("deploy/local/containers.conf")
+}
+
+/// A running provisioner.
+pub struct TestProvisioner {
+    /// gRPC URL.
+    pub url: String,
+    /// Signs tokens k8shelld in its workspaces accepts.
+    pub tokens: WorkspaceTokens,
+    /// The watched blueprint directory (tests may add files).
+    pub blueprints: PathBuf,
+    shutdown: Shutdown,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+    _infra: TestInfra,
+}
+
+impl TestProvisioner {
+    /// Starts one; `extra_blueprints` is written beside the defaults.
+    /// Workspaces get no network; loops run fast so tests see them act.
+    pub async fn start(extra_blueprints: &str) -> anyhow::Result<Self> {
+        let binary = std::env::var_os("K8SHELL_K8SHELLD_STATIC")
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "K8SHELL_K8SHELLD_STATIC must name the static k8shelld; run ./scripts/test"
+                )
+            })?;
+        let image = std::process::Command::new("podman")
+            .args(["image", "exists", "localhost/k8shell-debian:bookworm"])
+            .env("CONTAINERS_CONF", containers_conf())
+            .status()?;
+        anyhow::ensure!(
+            image.success(),
+            "the Debian workspace image is missing; run ./scripts/test (it builds it)"
+        );
+        let infra = TestInfra::start().await?;
+        let dir = tempfile::Builder::new().prefix("k8shell-ws-").tempdir()?;
+        let blueprints = dir.path().join("blueprints");
+        std::fs::create_dir_all(&blueprints)?;
+        for entry in std::fs::read_dir(repo_root().join("blueprints"))? {
+            let entry = entry?;
+            std::fs::copy(entry.path(), blueprints.join(entry.file_name()))?;
+        }
+        if !extra_blueprints.is_empty() {
+            std::fs::write(blueprints.join("tests.yaml"), extra_blueprints)?;
+        }
+        let state_dir = dir.path().join("provisioner");
+        let config = k8shell_provisioner::Config {
+            grpc_addr: "127.0.0.1:0".parse()?,
+            admin_addr: "127.0.0.1:0".parse()?,
+            bus: infra.bus_config(),
+            database_url: infra.postgres.url().to_owned(),
+            blueprints_dir: blueprints.clone(),
+            blueprint_reload_interval: Duration::from_millis(200),
+            state_dir: state_dir.clone(),
+            podman: k8shell_provisioner::PodmanConfig {
+                containers_conf: Some(containers_conf()),
+                network: "none".to_owned(),
+                state_dir: dir.path().join("workspaces"),
+                k8shelld_binary: Some(binary),
+                ..Default::default()
+            },
+            lifecycle: k8shell_provisioner::LifecycleConfig {
+                start_timeout: Duration::from_secs(60),
+                reconcile_interval: Duration::from_secs(2),
+                idle_check_interval: Duration::from_millis(500),
+                idle_warning: Duration::from_secs(2),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let shutdown = Shutdown::new();
+        let running = k8shell_provisioner::start(config, shutdown.clone()).await?;
+        let addr = running
+            .listener("grpc")
+            .ok_or_else(|| anyhow::anyhow!("no grpc listener"))?;
+        let tokens = WorkspaceTokens::load_or_create(&state_dir.join("workspace-signing-key.pem"))?;
+        Ok(Self {
+            url: format!("http://{addr}"),
+            tokens,
+            blueprints,
+            shutdown,
+            task: Some(running.task),
+            _dir: dir,
+            _infra: infra,
+        })
+    }
+
+    /// Stops the provisioner (workspaces keep running, as in production).
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
