@@ -11,6 +11,7 @@
 // A benchmark reports to its operator; a failed step ends the run.
 #![allow(clippy::unwrap_used)]
 
+mod coldstart;
 mod k8shelld;
 mod latency;
 mod rebuild;
@@ -61,9 +62,15 @@ async fn main() -> anyhow::Result<()> {
         k8shelld_report.push(k8shelld::keystroke_echo(&daemon, 1000 / scale).await?);
         daemon.stop();
     }
+    let mut coldstart_report = report::Report::new();
+    if runs("coldstart") {
+        eprintln!("== workspace cold start (podman)");
+        coldstart_report.push(coldstart::cold_start(if quick { 3 } else { 20 }).await?);
+    }
     let markdown = report.markdown(&machine);
     println!("{markdown}");
     println!("{}", k8shelld_report.markdown(&machine));
+    println!("{}", coldstart_report.markdown(&machine));
     if write && !quick {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
         // A section is only rewritten by a run that measured all of it.
@@ -72,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
         }
         if runs("k8shelld") {
             report::write_section(&path, "k8shelld", &k8shelld_report.markdown(&machine))?;
+        }
+        if runs("coldstart") {
+            report::write_section(&path, "coldstart", &coldstart_report.markdown(&machine))?;
         }
         eprintln!("updated {}", path.display());
     }
