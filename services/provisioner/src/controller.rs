@@ -481,8 +481,12 @@ impl Controller {
     async fn provision(&self, workspace: &Workspace) -> Result<String, String> {
         let id = workspace.id.as_str();
         let spec = self.spec_for(workspace)?;
-        let daemon_config = render_daemon_config(&spec, self.inner.tokens.jwks())
-            .map_err(|e| format!("cannot render k8shelld's config: {e}"))?;
+        let daemon_config = render_daemon_config(
+            &spec,
+            self.inner.tokens.jwks(),
+            self.inner.runtime.daemon_uses_tls(),
+        )
+        .map_err(|e| format!("cannot render k8shelld's config: {e}"))?;
         lock(&self.inner.specs).insert(id.to_owned(), spec.clone());
 
         // Progress is recorded as it comes, in order, by one task.

@@ -1,6 +1,8 @@
 //! Where workspaces run. One trait, two implementations (podman locally,
 //! Kubernetes in production), one shared manifest renderer.
 
+pub mod inject;
+pub mod manifests;
 pub mod podman;
 pub mod render;
 
@@ -75,6 +77,11 @@ pub struct RuntimeEvent {
 pub trait Runtime: Send + Sync + 'static {
     /// `podman` or `kubernetes`.
     fn name(&self) -> &'static str;
+
+    /// Whether k8shelld serves TCP with mutual TLS (else a unix socket).
+    fn daemon_uses_tls(&self) -> bool {
+        false
+    }
 
     /// Makes the workspace run as `spec` says: creates it, starts it when
     /// stopped, re-creates it when its spec changed. Idempotent. Returns

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, HostPathVolumeSource,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HostPathVolumeSource,
     PersistentVolumeClaimVolumeSource, Pod, PodSpec, ResourceRequirements, SecretVolumeSource,
     SecurityContext, Toleration, Volume, VolumeMount,
 };
@@ -33,6 +33,8 @@ pub const TOOLS_DIR: &str = "/opt/k8shell";
 pub const STATE_DIR: &str = "/var/lib/k8shelld";
 /// Directory of k8shelld's unix socket (local runtime).
 pub const RUN_DIR: &str = "/run/k8shell";
+/// Where the config Secret is mounted (Kubernetes runtime).
+pub const DAEMON_CONFIG_DIR: &str = "/etc/k8shelld";
 
 /// How k8shelld gets its configuration and how the platform reaches it.
 #[derive(Clone, Debug)]
@@ -99,7 +101,8 @@ pub fn claim_name(spec: &WorkspaceSpec, storage: &crate::blueprint::ResolvedStor
     }
 }
 
-fn state_claim(workspace_id: &str) -> String {
+/// Claim of k8shelld's state volume.
+pub fn state_claim_name(workspace_id: &str) -> String {
     dns_name(workspace_id, "k8shell-state")
 }
 
@@ -114,7 +117,7 @@ fn podman_socket_volume(workspace_id: &str) -> String {
 /// Volumes the workspace owns (never shared ones).
 pub fn owned_volumes(spec: &WorkspaceSpec) -> OwnedVolumes {
     let mut owned = OwnedVolumes::default();
-    owned.persistent.push(state_claim(&spec.workspace_id));
+    owned.persistent.push(state_claim_name(&spec.workspace_id));
     owned.scratch.push(tools_volume(&spec.workspace_id));
     if spec.podman_sidecar.is_some() {
         owned.scratch.push(podman_socket_volume(&spec.workspace_id));
@@ -203,11 +206,17 @@ pub fn render_pod(spec: &WorkspaceSpec, target: &RenderTarget) -> Pod {
         "app.kubernetes.io/managed-by".to_owned(),
         "k8shell".to_owned(),
     );
+    if let Some(class) = &spec.network_policy {
+        labels.insert(
+            super::manifests::NETWORK_POLICY_LABEL.to_owned(),
+            class.clone(),
+        );
+    }
     let mut annotations = spec.annotations.clone();
     annotations.insert(SPEC_HASH_ANNOTATION.to_owned(), spec_hash(spec, target));
 
     let tools = tools_volume(id);
-    let state = state_claim(id);
+    let state = state_claim_name(id);
     let mut volumes = vec![empty_dir(&tools, false), claim_volume(&state, &state)];
     let mut mounts = vec![
         mount(&tools, TOOLS_DIR, true),
@@ -238,10 +247,10 @@ pub fn render_pod(spec: &WorkspaceSpec, target: &RenderTarget) -> Pod {
             });
             mounts.push(mount(
                 &dns_name(id, "k8shelld-config"),
-                "/etc/k8shelld",
+                DAEMON_CONFIG_DIR,
                 true,
             ));
-            "/etc/k8shelld/k8shelld.toml".to_owned()
+            format!("{DAEMON_CONFIG_DIR}/k8shelld.toml")
         }
     };
     for storage in &spec.storages {
@@ -335,6 +344,14 @@ pub fn render_pod(spec: &WorkspaceSpec, target: &RenderTarget) -> Pod {
             }),
             volume_mounts: Some(mounts),
             working_dir: Some("/".to_owned()),
+            ports: matches!(target.access, DaemonAccess::Secret(_)).then(|| {
+                vec![ContainerPort {
+                    name: Some("k8shelld".to_owned()),
+                    container_port: super::manifests::DAEMON_PORT,
+                    protocol: Some("TCP".to_owned()),
+                    ..Default::default()
+                }]
+            }),
             ..Default::default()
         },
     );
@@ -380,12 +397,23 @@ pub fn render_pod(spec: &WorkspaceSpec, target: &RenderTarget) -> Pod {
     }
 }
 
+/// k8shelld's TLS listener (Kubernetes runtime).
+#[derive(Serialize)]
+struct DaemonTlsListener {
+    addr: String,
+    cert_path: String,
+    key_path: String,
+    client_ca_path: String,
+}
+
 /// k8shelld's configuration file for a workspace.
 #[derive(Serialize)]
 struct DaemonConfig<'a> {
     workspace_id: &'a str,
     jwks: &'a str,
     socket_path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<DaemonTlsListener>,
     state_dir: &'a str,
     bootstrap_user: &'a crate::blueprint::WorkspaceUser,
     user_volumes: Vec<&'a str>,
@@ -393,12 +421,23 @@ struct DaemonConfig<'a> {
     apps: &'a [crate::blueprint::ResolvedApp],
 }
 
-/// Renders `k8shelld.toml`.
-pub fn render_daemon_config(spec: &WorkspaceSpec, jwks: &str) -> Result<String, toml::ser::Error> {
+/// Renders `k8shelld.toml`; `tls` serves gRPC on TCP with mutual TLS
+/// (files from the config Secret) instead of the unix socket.
+pub fn render_daemon_config(
+    spec: &WorkspaceSpec,
+    jwks: &str,
+    tls: bool,
+) -> Result<String, toml::ser::Error> {
     toml::to_string(&DaemonConfig {
         workspace_id: &spec.workspace_id,
         jwks,
         socket_path: format!("{RUN_DIR}/k8shelld.sock"),
+        tls: tls.then(|| DaemonTlsListener {
+            addr: format!("0.0.0.0:{}", super::manifests::DAEMON_PORT),
+            cert_path: format!("{DAEMON_CONFIG_DIR}/tls.crt"),
+            key_path: format!("{DAEMON_CONFIG_DIR}/tls.key"),
+            client_ca_path: format!("{DAEMON_CONFIG_DIR}/ca.crt"),
+        }),
         state_dir: STATE_DIR,
         bootstrap_user: &spec.user,
         user_volumes: spec
