@@ -554,13 +554,18 @@ impl Controller {
     ) -> Result<(), String> {
         let mut checks = 0u32;
         loop {
-            let last_error =
-                match daemon::activity(endpoint, id, &self.inner.tokens, Duration::from_secs(2))
-                    .await
-                {
-                    Ok(_) => return Ok(()),
-                    Err(error) => error.to_string(),
-                };
+            let last_error = match daemon::activity(
+                self.inner.runtime.as_ref(),
+                endpoint,
+                id,
+                &self.inner.tokens,
+                Duration::from_secs(2),
+            )
+            .await
+            {
+                Ok(_) => return Ok(()),
+                Err(error) => error.to_string(),
+            };
             if tokio::time::Instant::now() >= deadline {
                 return Err(format!(
                     "k8shelld did not answer within {:?}: {last_error}",
@@ -794,6 +799,7 @@ impl Controller {
             return Ok(());
         };
         let activity = daemon::activity(
+            self.inner.runtime.as_ref(),
             &workspace.endpoint,
             id,
             &self.inner.tokens,

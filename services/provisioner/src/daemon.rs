@@ -7,14 +7,12 @@ use k8shell_proto::k8shelld::v1 as pb;
 use k8shell_proto::k8shelld::v1::k8shelld_client::K8shelldClient;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::runtime::Runtime;
 use crate::tokens::WorkspaceTokens;
 
 /// k8shelld did not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The endpoint is not one the provisioner can dial.
-    #[error("unsupported endpoint {0:?}")]
-    Endpoint(String),
     /// Connecting failed.
     #[error("cannot connect: {0}")]
     Connect(String),
@@ -37,9 +35,10 @@ pub struct Activity {
     pub attached_clients: u32,
 }
 
-async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, DaemonError> {
+/// A channel to a k8shelld on a unix socket (`unix:///path`).
+pub async fn unix_channel(endpoint: &str, timeout: Duration) -> Result<Channel, String> {
     let Some(path) = endpoint.strip_prefix("unix://") else {
-        return Err(DaemonError::Endpoint(endpoint.to_owned()));
+        return Err(format!("unsupported endpoint {endpoint:?}"));
     };
     let socket = PathBuf::from(path);
     Endpoint::from_static("http://k8shelld.invalid")
@@ -53,18 +52,23 @@ async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, DaemonErr
             }
         }))
         .await
-        .map_err(|e| DaemonError::Connect(e.to_string()))
+        .map_err(|e| e.to_string())
 }
 
 /// Asks k8shelld at `endpoint` for its activity, with a fresh token.
 pub async fn activity(
+    runtime: &dyn Runtime,
     endpoint: &str,
     workspace_id: &str,
     tokens: &WorkspaceTokens,
     timeout: Duration,
 ) -> Result<Activity, DaemonError> {
     let token = tokens.token(workspace_id, Duration::from_secs(120))?;
-    let mut client = K8shelldClient::new(channel(endpoint, timeout).await?);
+    let channel = runtime
+        .daemon_channel(endpoint, timeout)
+        .await
+        .map_err(DaemonError::Connect)?;
+    let mut client = K8shelldClient::new(channel);
     let mut request = tonic::Request::new(pb::GetActivityRequest {});
     if let Ok(value) = format!("Bearer {token}").parse() {
         request.metadata_mut().insert("authorization", value);

@@ -33,11 +33,13 @@ use tokio::task::JoinSet;
 
 pub use controller::LifecycleConfig;
 pub use projection::WorkspaceProjection;
+pub use runtime::kubernetes::KubernetesConfig;
 pub use runtime::podman::PodmanConfig;
 
 use crate::blueprint::BlueprintCatalog;
 use crate::controller::Controller;
 use crate::runtime::Runtime;
+use crate::runtime::kubernetes::KubernetesRuntime;
 use crate::runtime::podman::PodmanRuntime;
 use crate::tokens::WorkspaceTokens;
 
@@ -76,6 +78,8 @@ pub struct Config {
     pub runtime: RuntimeKind,
     /// Podman runtime settings.
     pub podman: PodmanConfig,
+    /// Kubernetes runtime settings.
+    pub kubernetes: KubernetesConfig,
     /// Lifecycle timings, idle stop, restarts.
     pub lifecycle: LifecycleConfig,
 }
@@ -87,6 +91,8 @@ pub enum RuntimeKind {
     /// Pods on the local podman.
     #[default]
     Podman,
+    /// Pods in a cluster (in-cluster account or `KUBECONFIG`).
+    Kubernetes,
 }
 
 impl Default for Config {
@@ -102,6 +108,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/k8shell/provisioner"),
             runtime: RuntimeKind::Podman,
             podman: PodmanConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             lifecycle: LifecycleConfig::default(),
         }
     }
@@ -147,6 +154,11 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     let catalog = Arc::new(BlueprintCatalog::open(&config.blueprints_dir));
     let runtime: Arc<dyn Runtime> = match config.runtime {
         RuntimeKind::Podman => Arc::new(PodmanRuntime::new(config.podman.clone())),
+        RuntimeKind::Kubernetes => Arc::new(
+            KubernetesRuntime::connect(config.kubernetes.clone(), &config.state_dir)
+                .await
+                .context("cannot set up the kubernetes runtime")?,
+        ),
     };
 
     // Bind before spawning anything, so a busy port fails the start.

@@ -144,7 +144,7 @@ fn injection_and_eject() {
     // Eject gives back exactly the original.
     let ejected = eject(&injected).unwrap();
     let normalised: serde_json::Value = serde_json::to_value(
-        serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(original.clone()).unwrap(),
+        serde_json::from_value::<k8s_openapi::api::apps::v1::Deployment>(original).unwrap(),
     )
     .unwrap();
     assert_eq!(ejected, normalised);

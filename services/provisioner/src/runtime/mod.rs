@@ -2,7 +2,9 @@
 //! Kubernetes in production), one shared manifest renderer.
 
 pub mod inject;
+pub mod kubernetes;
 pub mod manifests;
+pub mod pki;
 pub mod podman;
 pub mod render;
 
@@ -81,6 +83,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// Whether k8shelld serves TCP with mutual TLS (else a unix socket).
     fn daemon_uses_tls(&self) -> bool {
         false
+    }
+
+    /// A gRPC channel to the k8shelld at `endpoint` (as the runtime's
+    /// `provision` returned it). The default dials `unix://` sockets.
+    fn daemon_channel<'a>(
+        &'a self,
+        endpoint: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<tonic::transport::Channel, String>> {
+        Box::pin(crate::daemon::unix_channel(endpoint, timeout))
     }
 
     /// Makes the workspace run as `spec` says: creates it, starts it when
