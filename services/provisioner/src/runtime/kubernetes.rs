@@ -131,11 +131,13 @@ pub fn pod_stage(pod: &Pod) -> PodStage {
                     .and_then(|t| t.reason.clone())
                     .map(|r| format!(" (last exit: {r})"))
                     .unwrap_or_default();
-                return PodStage::Failed(
-                    format!("{reason}: {} {message}{last}", container.name)
-                        .trim()
-                        .to_owned(),
-                );
+                let mut text = format!("{reason}: {}", container.name);
+                if !message.is_empty() {
+                    text.push(' ');
+                    text.push_str(&message);
+                }
+                text.push_str(&last);
+                return PodStage::Failed(text);
             }
         }
     }
