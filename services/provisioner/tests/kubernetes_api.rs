@@ -278,6 +278,94 @@ async fn delete_with_retention_keeps_only_retained_claims() {
     );
 }
 
+#[tokio::test]
+async fn injection_replaces_the_workload_and_eject_restores_it() {
+    let deployment: serde_json::Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/deployment.yaml"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let stored = std::sync::Arc::new(std::sync::Mutex::new({
+        let mut d = deployment.clone();
+        d["metadata"]["resourceVersion"] = "41".into();
+        d
+    }));
+    let state = stored.clone();
+    let (client, server) = mock_server(move |request, _| {
+        let path = request.uri.split('?').next().unwrap();
+        match (&request.method, path) {
+            (&Method::PATCH, _) => json(&request.body),
+            (&Method::GET, "/apis/apps/v1/namespaces/team-a/deployments/api") => {
+                json(&state.lock().unwrap())
+            }
+            (&Method::PUT, "/apis/apps/v1/namespaces/team-a/deployments/api") => {
+                *state.lock().unwrap() = request.body.clone();
+                json(&request.body)
+            }
+            _ => status(404, "NotFound"),
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = KubernetesRuntime::new(client, config(), dir.path()).unwrap();
+    runtime
+        .inject_workload("team-a", "Deployment", "api", &spec(), "")
+        .await
+        .unwrap();
+    {
+        let injected = stored.lock().unwrap();
+        assert_eq!(
+            injected["metadata"]["resourceVersion"], "41",
+            "the update carries the version it read"
+        );
+        let containers = injected["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(containers.len(), 2);
+        assert_eq!(containers[1]["name"], "alice-1a7fd88-k8shelld");
+    }
+    let again = runtime
+        .inject_workload("team-a", "Deployment", "api", &spec(), "")
+        .await
+        .unwrap_err();
+    assert!(
+        again
+            .to_string()
+            .contains("already has workspace alice-1a7fd88"),
+        "{again}"
+    );
+    runtime
+        .eject_workload("team-a", "deployment", "api")
+        .await
+        .unwrap();
+    let ejected = stored.lock().unwrap().clone();
+    assert_eq!(
+        ejected["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(ejected["metadata"]["annotations"].is_null());
+    let pod = runtime
+        .inject_workload("team-a", "CronJob", "x", &spec(), "")
+        .await
+        .unwrap_err();
+    assert!(
+        pod.to_string().contains("cannot inject into a cronjob"),
+        "{pod}"
+    );
+    drop(runtime);
+    let seen = server.await.unwrap();
+    assert!(
+        seen.iter().any(|s| s.method == Method::PATCH
+            && s.uri.starts_with("/api/v1/namespaces/team-a/secrets/")),
+        "the config secret goes to the workload's namespace"
+    );
+}
+
 /// Against a real cluster: `KUBECONFIG=… K8SHELL_K8S_TEST_IMAGE=<image with
 /// sh> cargo nextest run -p k8shell-provisioner --run-ignored only`. It
 /// provisions into namespace `k8shell-e2e` (which must exist), checks the

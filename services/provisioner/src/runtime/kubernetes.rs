@@ -392,6 +392,117 @@ impl KubernetesRuntime {
         Ok(format!("https://{host}:{DAEMON_PORT}"))
     }
 
+    /// Injects `spec`'s workspace into a workload (`deployment`,
+    /// `statefulset` or `daemonset` named `name` in `namespace`): applies
+    /// the config Secret there, then replaces the workload with the patched
+    /// one (optimistic: the resourceVersion read is the one written, so a
+    /// concurrent change makes this fail instead of being lost).
+    pub async fn inject_workload(
+        &self,
+        namespace: &str,
+        kind: &str,
+        name: &str,
+        spec: &WorkspaceSpec,
+        daemon_config: &str,
+    ) -> Result<(), RuntimeError> {
+        let server = self
+            .ca
+            .server(vec![format!("{}.{namespace}.svc", spec.workspace_id)])
+            .map_err(|e| RuntimeError::Failed {
+                operation: "issuing k8shelld's certificate".to_owned(),
+                message: e.to_string(),
+            })?;
+        let tls = DaemonTls {
+            cert_pem: server.cert_pem,
+            key_pem: server.key_pem,
+            client_ca_pem: self.ca.ca_pem.clone(),
+        };
+        let secret = render_secret(spec, &Some(namespace.to_owned()), daemon_config, &tls);
+        let secret_name = secret.metadata.name.clone().unwrap_or_default();
+        Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .patch(
+                &secret_name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .map_err(|e| failed("applying the config secret", e))?;
+        let target = RenderTarget {
+            k8shelld_image: self.config.k8shelld_image.clone(),
+            access: DaemonAccess::Secret(secret_name),
+            restart_policy: "Always",
+            namespace: Some(namespace.to_owned()),
+        };
+        self.edit_workload(namespace, kind, name, |manifest| {
+            super::inject::inject(manifest, spec, &target).map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    /// Restores a workload to what it was before [`Self::inject_workload`].
+    pub async fn eject_workload(
+        &self,
+        namespace: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<(), RuntimeError> {
+        self.edit_workload(namespace, kind, name, |manifest| {
+            super::inject::eject(manifest).map_err(|e| e.to_string())
+        })
+        .await
+    }
+
+    async fn edit_workload<F>(
+        &self,
+        namespace: &str,
+        kind: &str,
+        name: &str,
+        edit: F,
+    ) -> Result<(), RuntimeError>
+    where
+        F: FnOnce(&serde_json::Value) -> Result<serde_json::Value, String>,
+    {
+        use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+        macro_rules! replace {
+            ($ty:ty) => {{
+                let api = Api::<$ty>::namespaced(self.client.clone(), namespace);
+                let current = api
+                    .get(name)
+                    .await
+                    .map_err(|e| failed(&format!("reading {kind} {name}"), e))?;
+                let manifest =
+                    serde_json::to_value(&current).map_err(|e| RuntimeError::Failed {
+                        operation: format!("reading {kind} {name}"),
+                        message: e.to_string(),
+                    })?;
+                let edited = edit(&manifest).map_err(|message| RuntimeError::Failed {
+                    operation: format!("editing {kind} {name}"),
+                    message,
+                })?;
+                let edited: $ty =
+                    serde_json::from_value(edited).map_err(|e| RuntimeError::Failed {
+                        operation: format!("editing {kind} {name}"),
+                        message: e.to_string(),
+                    })?;
+                api.replace(name, &Default::default(), &edited)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| failed(&format!("updating {kind} {name}"), e))
+            }};
+        }
+        match kind.to_ascii_lowercase().as_str() {
+            "deployment" => replace!(Deployment),
+            "statefulset" => replace!(StatefulSet),
+            "daemonset" => replace!(DaemonSet),
+            other => Err(RuntimeError::Failed {
+                operation: "injection".to_owned(),
+                message: format!(
+                    "cannot inject into a {other}; use a deployment, statefulset or daemonset"
+                ),
+            }),
+        }
+    }
+
     async fn wait_gone(&self, name: &str, limit: Duration) -> Result<(), RuntimeError> {
         let pods = self.api::<Pod>();
         let deadline = tokio::time::Instant::now() + limit;
