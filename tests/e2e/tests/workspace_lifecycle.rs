@@ -425,6 +425,56 @@ async fn idle_workspaces_are_warned_then_stopped() {
 }
 
 #[tokio::test]
+async fn an_attached_session_keeps_an_idle_workspace_running() {
+    use k8shell_proto::k8shelld::v1::{ShellRequest, ShellStart, shell_request};
+    let mut h = Harness::start().await;
+    let ws = h.running("fiona", "sleepy").await;
+    // Attach a shell and type nothing: idle by input, but someone is there.
+    let socket = ws.endpoint.strip_prefix("unix://").unwrap().to_owned();
+    let mut daemon = K8shelldClient::new(unix_channel(Path::new(&socket)).await.unwrap());
+    let token = h.tokens.token(&ws.id, Duration::from_secs(60)).unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(ShellRequest {
+        msg: Some(shell_request::Msg::Start(ShellStart {
+            argv: vec!["sh".into()],
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let shell = daemon
+        .shell(k8shell_testkit::bearer(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // Twice the idle timeout (4 s) with the client attached.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let now = h
+        .client
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: ws.id.clone(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        now.state(),
+        pb::WorkspaceState::Running,
+        "never stopped under an attached client"
+    );
+    // Detach: the idle clock starts now, and the workspace stops.
+    drop(tx);
+    drop(shell);
+    h.wait_for(&ws.id, pb::WorkspaceState::Stopped).await;
+    cleanup(&mut h, &ws.id).await;
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn bad_requests_and_broken_blueprints_get_clear_errors() {
     let mut h = Harness::start().await;
     let missing = h
