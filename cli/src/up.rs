@@ -56,6 +56,19 @@ pub async fn run(
         Shutdown::on_signals().context("cannot install signal handlers")?;
     let mut platform = Platform::start(config, shutdown.clone()).await?;
     print_banner(&platform, &data_dir);
+    match bootstrap_admin(&platform, &data_dir, env).await {
+        Ok(k8shell_identity::bootstrap::Bootstrap::Exists) => {}
+        Ok(k8shell_identity::bootstrap::Bootstrap::WithKey(path)) => {
+            println!("created user admin, who logs in with {}", path.display());
+        }
+        Ok(k8shell_identity::bootstrap::Bootstrap::Generated(path)) => {
+            println!(
+                "created user admin with a new key pair: {} (no ~/.ssh/*.pub was found)",
+                path.display()
+            );
+        }
+        Err(error) => eprintln!("cannot bootstrap the admin user: {error:#}"),
+    }
 
     let exited = tokio::select! {
         _ = shutdown.wait() => None,
@@ -116,4 +129,25 @@ fn print_banner(platform: &Platform, data_dir: &std::path::Path) {
         println!("  {:<12}{}", service.name, listeners.join(", "));
     }
     println!("`k8shell status` shows health; Ctrl-C stops everything.");
+}
+
+/// Creates the `admin` user on a platform that has none.
+async fn bootstrap_admin(
+    platform: &Platform,
+    data_dir: &std::path::Path,
+    env: &HashMap<String, String>,
+) -> anyhow::Result<k8shell_identity::bootstrap::Bootstrap> {
+    let address = platform
+        .listener("identity", "grpc")
+        .context("identity has no gRPC listener")?;
+    let mut client =
+        k8shell_proto::identity::v1::identity_service_client::IdentityServiceClient::connect(
+            format!("http://{address}"),
+        )
+        .await
+        .context("cannot reach identity")?;
+    let home = env.get("HOME").map(std::path::PathBuf::from);
+    k8shell_identity::bootstrap::ensure_admin(&mut client, home.as_deref(), data_dir)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
 }

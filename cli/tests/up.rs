@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8shell_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use k8shell_proto::provisioner::v1::provisioner_service_client::ProvisionerServiceClient;
 use k8shell_proto::provisioner::v1::{CreateWorkspaceRequest, GetWorkspaceRequest};
 use nix::sys::signal::{Signal, kill};
@@ -30,6 +31,8 @@ fn up(data_dir: &Path) -> Child {
         // No k8shelld to install: this test's workspace is recorded and its
         // provisioning fails fast instead of leaving a pod behind.
         .env_remove("K8SHELL_K8SHELLD_STATIC")
+        // A home without ~/.ssh: the admin gets a generated key pair.
+        .env("HOME", data_dir.join("home"))
         .env("K8SHELL_WORKSPACE_NETWORK", "none")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -127,6 +130,35 @@ async fn up_reports_healthy_stops_within_five_seconds_and_keeps_data() {
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("already running"));
 
+    // The first start made an admin, with a key pair in the data directory.
+    let mut identity = IdentityServiceClient::connect(listener_url(dir.path(), "identity", "grpc"))
+        .await
+        .unwrap();
+    let admin = identity
+        .get_user(k8shell_proto::identity::v1::GetUserRequest {
+            username: "admin".into(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(admin.roles, ["admin"]);
+    let keys = identity
+        .list_ssh_keys(k8shell_proto::identity::v1::ListSshKeysRequest {
+            username: "admin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    let generated = std::fs::read_to_string(dir.path().join("admin_ed25519.pub")).unwrap();
+    assert_eq!(keys.len(), 1);
+    assert!(
+        generated.starts_with(&keys[0].public_key),
+        "{generated} vs {keys:?}"
+    );
+    drop(identity);
+
     let mut client = ProvisionerServiceClient::connect(grpc_address(dir.path()))
         .await
         .unwrap();
@@ -180,6 +212,18 @@ async fn up_reports_healthy_stops_within_five_seconds_and_keeps_data() {
         exit.success() && took < Duration::from_secs(5),
         "{exit:?} after {took:?}"
     );
+}
+
+fn listener_url(data_dir: &Path, service: &str, role: &str) -> String {
+    let text = std::fs::read_to_string(data_dir.join("platform.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let found = state["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == service)
+        .unwrap();
+    format!("http://{}", found["listeners"][role].as_str().unwrap())
 }
 
 fn grpc_address(data_dir: &Path) -> String {

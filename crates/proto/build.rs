@@ -7,6 +7,7 @@ const PROTO_ROOT: &str = "../../proto";
 const FILES: &[&str] = &[
     "k8shell/provisioner/v1/provisioner.proto",
     "k8shell/k8shelld/v1/k8shelld.proto",
+    "k8shell/identity/v1/identity.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

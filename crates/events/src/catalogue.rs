@@ -2,6 +2,10 @@ use std::fmt::Write as _;
 
 use schemars::{Schema, SchemaGenerator};
 
+use crate::user::{
+    UserCreated, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated, UserPatRevoked,
+    UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
+};
 use crate::workspace::{
     WorkspaceDeleted, WorkspaceFailed, WorkspaceIdleWarning, WorkspaceProvisioning,
     WorkspaceRequested, WorkspaceRunning, WorkspaceStopped, WorkspaceStopping,
@@ -34,6 +38,16 @@ fn entry<E: EventData>(rust_type: &'static str) -> EventTypeInfo {
 /// Returns every event type, grouped by context.
 pub fn catalogue() -> Vec<EventTypeInfo> {
     vec![
+        entry::<UserCreated>("UserCreated"),
+        entry::<UserRolesSet>("UserRolesSet"),
+        entry::<UserPasswordSet>("UserPasswordSet"),
+        entry::<UserLoginFailed>("UserLoginFailed"),
+        entry::<UserLocked>("UserLocked"),
+        entry::<UserSshKeyAdded>("UserSshKeyAdded"),
+        entry::<UserSshKeyRemoved>("UserSshKeyRemoved"),
+        entry::<UserPatCreated>("UserPatCreated"),
+        entry::<UserPatRevoked>("UserPatRevoked"),
+        entry::<UserSshCertificateIssued>("UserSshCertificateIssued"),
         entry::<WorkspaceRequested>("WorkspaceRequested"),
         entry::<WorkspaceProvisioning>("WorkspaceProvisioning"),
         entry::<WorkspaceRunning>("WorkspaceRunning"),

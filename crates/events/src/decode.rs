@@ -1,5 +1,9 @@
 use serde::de::DeserializeOwned;
 
+use crate::user::{
+    UserCreated, UserEvent, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated,
+    UserPatRevoked, UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
+};
 use crate::workspace::{
     WorkspaceDeleted, WorkspaceEvent, WorkspaceFailed, WorkspaceIdleWarning, WorkspaceProvisioning,
     WorkspaceRequested, WorkspaceRunning, WorkspaceStopped, WorkspaceStopping,
@@ -12,6 +16,8 @@ use crate::{CloudEvent, EventData};
 pub enum DomainEvent {
     /// A workspace lifecycle event.
     Workspace(WorkspaceEvent),
+    /// A user or credential event.
+    User(UserEvent),
     /// A type this build does not know (newer producer, or another tool's
     /// event on our stream). Consumers log it and move on.
     Unknown {
@@ -46,6 +52,7 @@ impl DomainEvent {
     ///
     /// An unknown type is not an error: it yields [`DomainEvent::Unknown`].
     pub fn decode(event: &CloudEvent) -> Result<Self, DecodeError> {
+        use UserEvent as U;
         use WorkspaceEvent as W;
         let decoded = match event.event_type.as_str() {
             WorkspaceRequested::TYPE => DomainEvent::Workspace(W::Requested(data(event)?)),
@@ -56,6 +63,18 @@ impl DomainEvent {
             WorkspaceFailed::TYPE => DomainEvent::Workspace(W::Failed(data(event)?)),
             WorkspaceDeleted::TYPE => DomainEvent::Workspace(W::Deleted(data(event)?)),
             WorkspaceIdleWarning::TYPE => DomainEvent::Workspace(W::IdleWarning(data(event)?)),
+            UserCreated::TYPE => DomainEvent::User(U::Created(data(event)?)),
+            UserRolesSet::TYPE => DomainEvent::User(U::RolesSet(data(event)?)),
+            UserPasswordSet::TYPE => DomainEvent::User(U::PasswordSet(data(event)?)),
+            UserLoginFailed::TYPE => DomainEvent::User(U::LoginFailed(data(event)?)),
+            UserLocked::TYPE => DomainEvent::User(U::Locked(data(event)?)),
+            UserSshKeyAdded::TYPE => DomainEvent::User(U::SshKeyAdded(data(event)?)),
+            UserSshKeyRemoved::TYPE => DomainEvent::User(U::SshKeyRemoved(data(event)?)),
+            UserPatCreated::TYPE => DomainEvent::User(U::PatCreated(data(event)?)),
+            UserPatRevoked::TYPE => DomainEvent::User(U::PatRevoked(data(event)?)),
+            UserSshCertificateIssued::TYPE => {
+                DomainEvent::User(U::SshCertificateIssued(data(event)?))
+            }
             other => DomainEvent::Unknown {
                 event_type: other.to_owned(),
             },

@@ -13,6 +13,7 @@ mod catalogue;
 mod decode;
 mod envelope;
 mod subject;
+pub mod user;
 pub mod workspace;
 
 pub use catalogue::{EventTypeInfo, catalogue, catalogue_markdown, json_schema_document};

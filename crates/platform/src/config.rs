@@ -12,6 +12,10 @@ pub struct Ports {
     pub http: u16,
     /// Provisioner gRPC.
     pub provisioner_grpc: u16,
+    /// Identity gRPC.
+    pub identity_grpc: u16,
+    /// Identity's public HTTP (JWKS, discovery).
+    pub identity_http: u16,
     /// Admin (health and metrics) endpoints.
     pub identity_admin: u16,
     pub authz_admin: u16,
@@ -27,6 +31,8 @@ impl Default for Ports {
             ssh: 2222,
             http: 8080,
             provisioner_grpc: 7404,
+            identity_grpc: 7401,
+            identity_http: 7601,
             identity_admin: 7501,
             authz_admin: 7502,
             session_admin: 7503,
@@ -44,6 +50,8 @@ impl Ports {
             ssh: 0,
             http: 0,
             provisioner_grpc: 0,
+            identity_grpc: 0,
+            identity_http: 0,
             identity_admin: 0,
             authz_admin: 0,
             session_admin: 0,

@@ -22,10 +22,13 @@ pub use status::{ServiceHealth, probe_services};
 
 /// Every projection of every service, with the schema it lives in.
 pub fn projections() -> Vec<(&'static str, std::sync::Arc<dyn k8shell_bus::Projection>)> {
-    k8shell_provisioner::projections()
+    let identity = k8shell_identity::projections()
         .into_iter()
-        .map(|p| (k8shell_provisioner::SCHEMA, p))
-        .collect()
+        .map(|p| (k8shell_identity::SCHEMA, p));
+    let provisioner = k8shell_provisioner::projections()
+        .into_iter()
+        .map(|p| (k8shell_provisioner::SCHEMA, p));
+    identity.chain(provisioner).collect()
 }
 
 /// A running platform.
@@ -115,7 +118,15 @@ impl Platform {
         let child = || self.shutdown.child();
         let identity = k8shell_identity::start(
             k8shell_identity::Config {
+                grpc_addr: at(ports.identity_grpc),
+                http_addr: at(ports.identity_http),
                 admin_addr: at(ports.identity_admin),
+                // Derived from the bound address (ports may be ephemeral).
+                issuer: String::new(),
+                bus: bus.clone(),
+                database_url: database_url.to_owned(),
+                state_dir: config.data_dir.join("identity"),
+                ..Default::default()
             },
             child(),
         )

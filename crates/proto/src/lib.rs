@@ -21,5 +21,14 @@ pub mod k8shelld {
     }
 }
 
+/// Identity API (`k8shell.identity.v1`).
+pub mod identity {
+    /// Version 1.
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("k8shell.identity.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every k8shell proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("k8shell_descriptor");

@@ -1,0 +1,686 @@
+//! Identity on real NATS and PostgreSQL, with OpenSSH's `ssh-keygen`
+//! checking the certificates it issues.
+
+// Test helpers panic on failure by design.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use k8shell_identity::keyring::{Claims, KeyRing, TokenRequest};
+use k8shell_proto::identity::v1 as pb;
+use k8shell_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use k8shell_service::Shutdown;
+use k8shell_testkit::TestInfra;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Identity {
+    client: IdentityServiceClient<Channel>,
+    http: String,
+    issuer: String,
+    shutdown: Shutdown,
+    _dir: tempfile::TempDir,
+    infra: TestInfra,
+}
+
+async fn start() -> Identity {
+    let infra = TestInfra::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_addr = http.local_addr().unwrap();
+    drop(http);
+    let issuer = format!("http://{http_addr}");
+    let config = k8shell_identity::Config {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr,
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        issuer: issuer.clone(),
+        bus: infra.bus_config(),
+        database_url: infra.postgres.url().to_owned(),
+        state_dir: dir.path().to_owned(),
+        lockout: k8shell_identity::LockoutConfig {
+            max_failures: 3,
+            window: Duration::from_secs(60),
+            lock_for: Duration::from_secs(60),
+        },
+        ..Default::default()
+    };
+    let shutdown = Shutdown::new();
+    let running = k8shell_identity::start(config, shutdown.clone())
+        .await
+        .unwrap();
+    let grpc = running.listener("grpc").unwrap();
+    let client = IdentityServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    Identity {
+        client,
+        http: format!("http://{http_addr}"),
+        issuer,
+        shutdown,
+        _dir: dir,
+        infra,
+    }
+}
+
+/// Verifies a token the way any service does: with the published JWKS.
+async fn verify(identity: &Identity, token: &str, audience: &str) -> Result<Claims, String> {
+    let jwks: JwkSet = fetch_json(&format!("{}/.well-known/jwks.json", identity.http)).await;
+    let kid = jsonwebtoken::decode_header(token)
+        .map_err(|e| e.to_string())?
+        .kid
+        .ok_or("no kid")?;
+    let jwk = jwks.find(&kid).ok_or("unknown kid")?;
+    let mut validation = Validation::new(Algorithm::ES256);
+    validation.set_audience(&[audience]);
+    validation.set_issuer(&[&identity.issuer]);
+    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
+        .map(|d| d.claims)
+        .map_err(|e| e.to_string())
+}
+
+async fn fetch_json<T: serde::de::DeserializeOwned>(url: &str) -> T {
+    let url = url.to_owned();
+    let body = tokio::task::spawn_blocking(move || {
+        Command::new("curl").args(["-sf", &url]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(body.status.success(), "GET {:?}", body);
+    serde_json::from_slice(&body.stdout).unwrap()
+}
+
+async fn create(identity: &mut Identity, username: &str, password: &str, roles: &[&str]) {
+    identity
+        .client
+        .create_user(pb::CreateUserRequest {
+            username: username.into(),
+            email: format!("{username}@example.test"),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            password: password.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn login(
+    identity: &mut Identity,
+    username: &str,
+    password: &str,
+) -> Result<String, tonic::Status> {
+    identity
+        .client
+        .password_login(pb::PasswordLoginRequest {
+            username: username.into(),
+            password: password.into(),
+            source: "192.0.2.7".into(),
+        })
+        .await
+        .map(|r| r.into_inner().token)
+}
+
+#[tokio::test]
+async fn password_login_lockout_and_uniform_errors() {
+    let mut identity = start().await;
+    create(&mut identity, "alice", "correct horse battery", &["admin"]).await;
+
+    let token = login(&mut identity, "alice", "correct horse battery")
+        .await
+        .unwrap();
+    let claims = verify(&identity, &token, "k8shell").await.unwrap();
+    assert_eq!(claims.sub, "alice");
+    assert_eq!(claims.roles, ["admin"]);
+    assert_eq!(claims.amr, ["pwd"]);
+    let discovery: serde_json::Value = fetch_json(&format!(
+        "{}/.well-known/openid-configuration",
+        identity.http
+    ))
+    .await;
+    assert_eq!(discovery["issuer"], identity.issuer);
+    assert_eq!(
+        discovery["jwks_uri"],
+        format!("{}/.well-known/jwks.json", identity.issuer)
+    );
+
+    // The same answer whether the user exists or not.
+    let unknown = login(&mut identity, "mallory", "whatever")
+        .await
+        .unwrap_err();
+    let wrong = login(&mut identity, "alice", "wrong").await.unwrap_err();
+    assert_eq!(
+        (unknown.code(), unknown.message()),
+        (wrong.code(), wrong.message())
+    );
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+
+    // Three failures in the window lock the account: even the right
+    // password is refused, with the same message.
+    login(&mut identity, "alice", "wrong").await.unwrap_err();
+    login(&mut identity, "alice", "wrong").await.unwrap_err();
+    let locked = login(&mut identity, "alice", "correct horse battery")
+        .await
+        .unwrap_err();
+    assert_eq!(locked.message(), wrong.message());
+    let user = identity
+        .client
+        .get_user(pb::GetUserRequest {
+            username: "alice".into(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(user.locked_until.is_some(), "admins see the lock");
+
+    // The events tell the story, without secrets.
+    let bus = identity.infra.bus().await.unwrap();
+    let id = k8shell_events::AggregateId::new("alice").unwrap();
+    let events = bus
+        .event_store()
+        .load(k8shell_events::Context::User, &id)
+        .await
+        .unwrap()
+        .events;
+    let types: Vec<&str> = events
+        .iter()
+        .map(|e| e.envelope.event_type.as_str())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "k8shell.user.created.v1",
+            "k8shell.user.password_set.v1",
+            "k8shell.user.login_failed.v1",
+            "k8shell.user.login_failed.v1",
+            "k8shell.user.login_failed.v1",
+            "k8shell.user.locked.v1",
+        ]
+    );
+    let all = serde_json::to_string(&events.iter().map(|e| &e.envelope.data).collect::<Vec<_>>())
+        .unwrap();
+    assert!(
+        !all.contains("correct horse") && !all.contains("argon2"),
+        "{all}"
+    );
+
+    // A new password (an admin's reset) unlocks.
+    identity
+        .client
+        .set_password(pb::SetPasswordRequest {
+            username: "alice".into(),
+            password: "a new long password".into(),
+        })
+        .await
+        .unwrap();
+    login(&mut identity, "alice", "a new long password")
+        .await
+        .unwrap();
+
+    // Bad input.
+    let bad = identity
+        .client
+        .create_user(pb::CreateUserRequest {
+            username: "Bad Name".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let twice = identity
+        .client
+        .create_user(pb::CreateUserRequest {
+            username: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::AlreadyExists);
+    let short = identity
+        .client
+        .set_password(pb::SetPasswordRequest {
+            username: "alice".into(),
+            password: "short".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(short.code(), Code::InvalidArgument);
+    identity.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn personal_access_tokens_narrow_and_revoke() {
+    let mut identity = start().await;
+    create(&mut identity, "bob", "bobs long password", &[]).await;
+    let created = identity
+        .client
+        .create_pat(pb::CreatePatRequest {
+            username: "bob".into(),
+            name: "ci".into(),
+            scopes: vec!["workspace:*".into()],
+            valid_days: 7,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.secret.starts_with("k8sh_"));
+    let pat = created.pat.unwrap();
+
+    let exchanged = identity
+        .client
+        .exchange_pat(pb::ExchangePatRequest {
+            secret: created.secret.clone(),
+            source: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let claims = verify(&identity, &exchanged.token, "k8shell")
+        .await
+        .unwrap();
+    assert_eq!(
+        claims.scopes,
+        ["workspace:*"],
+        "the token carries its narrowing"
+    );
+    assert_eq!(claims.amr, ["pat"]);
+    let listed = identity
+        .client
+        .list_pats(pb::ListPatsRequest {
+            username: "bob".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.pats[0].last_used_at.is_some());
+    assert!(!listed.pats[0].revoked);
+
+    // Only the hash is stored.
+    let pool = identity.infra.pool("identity").await.unwrap();
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT hash FROM pat_secrets WHERE id = $1")
+        .bind(&pat.id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 32);
+    assert!(!String::from_utf8_lossy(&stored).contains(&created.secret[5..20]));
+
+    let forged = format!("{}0", &created.secret[..created.secret.len() - 1]);
+    for secret in [forged.as_str(), "k8sh_nope", "", "not a token"] {
+        let refused = identity
+            .client
+            .exchange_pat(pb::ExchangePatRequest {
+                secret: secret.into(),
+                source: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{secret}");
+    }
+
+    identity
+        .client
+        .revoke_pat(pb::RevokePatRequest {
+            username: "bob".into(),
+            id: pat.id.clone(),
+        })
+        .await
+        .unwrap();
+    let revoked = identity
+        .client
+        .exchange_pat(pb::ExchangePatRequest {
+            secret: created.secret,
+            source: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(revoked.code(), Code::Unauthenticated);
+    let bad_scope = identity
+        .client
+        .create_pat(pb::CreatePatRequest {
+            username: "bob".into(),
+            name: "x".into(),
+            scopes: vec!["rm -rf".into()],
+            valid_days: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_scope.code(), Code::InvalidArgument);
+    identity.shutdown.trigger();
+}
+
+fn ssh_keygen(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new("ssh-keygen")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ssh-keygen (openssh-client) is installed");
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn ssh_keys_and_certificates_openssh_accepts() {
+    let mut identity = start().await;
+    create(&mut identity, "carol", "carols long password", &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    let key_path = key.to_str().unwrap();
+    let generated = ssh_keygen(
+        &[
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "carol@laptop",
+            "-f",
+            key_path,
+        ],
+        None,
+    );
+    assert!(generated.status.success());
+    let public = std::fs::read_to_string(format!("{key_path}.pub")).unwrap();
+
+    let added = identity
+        .client
+        .add_ssh_key(pb::AddSshKeyRequest {
+            username: "carol".into(),
+            public_key: public.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let printed = ssh_keygen(&["-l", "-f", &format!("{key_path}.pub")], None);
+    let openssh_fingerprint = String::from_utf8_lossy(&printed.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        added.fingerprint, openssh_fingerprint,
+        "fingerprints as ssh-keygen -l prints them"
+    );
+    assert_eq!(added.comment, "carol@laptop");
+    let twice = identity
+        .client
+        .add_ssh_key(pb::AddSshKeyRequest {
+            username: "carol".into(),
+            public_key: public.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::AlreadyExists);
+    let garbage = identity
+        .client
+        .add_ssh_key(pb::AddSshKeyRequest {
+            username: "carol".into(),
+            public_key: "ssh-rsa notbase64".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.code(), Code::InvalidArgument);
+
+    // Key login for the proxy.
+    let by_key = identity
+        .client
+        .public_key_login(pb::PublicKeyLoginRequest {
+            username: "carol".into(),
+            public_key: public.clone(),
+            source: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        verify(&identity, &by_key.token, "k8shell")
+            .await
+            .unwrap()
+            .amr,
+        ["publickey"]
+    );
+
+    // A certificate for the key, after a login.
+    let token = login(&mut identity, "carol", "carols long password")
+        .await
+        .unwrap();
+    let issued = identity
+        .client
+        .issue_ssh_certificate(pb::IssueSshCertificateRequest {
+            token: token.clone(),
+            public_key: public.clone(),
+            valid_seconds: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cert_path = format!("{key_path}-cert.pub");
+    std::fs::write(&cert_path, format!("{}\n", issued.certificate)).unwrap();
+    let listing = ssh_keygen(&["-L", "-f", &cert_path], None);
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.status.success(), "{listing:?}");
+    assert!(
+        text.contains("Type: ssh-ed25519-cert-v01@openssh.com user certificate"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Principals: \n                carol"),
+        "{text}"
+    );
+    assert!(text.contains("permit-pty"), "{text}");
+
+    // OpenSSH accepts it: a signature made with the certified key verifies
+    // against `cert-authority` trust in the CA, as sshd's TrustedUserCAKeys.
+    let ca = identity
+        .client
+        .get_ssh_user_ca(pb::GetSshUserCaRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key;
+    let message = dir.path().join("message");
+    std::fs::write(&message, b"hello from carol").unwrap();
+    // Signing through the certificate file embeds the certificate.
+    let signed = ssh_keygen(
+        &[
+            "-Y",
+            "sign",
+            "-f",
+            &cert_path,
+            "-n",
+            "file",
+            message.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(signed.status.success(), "{signed:?}");
+    let signers = dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("carol cert-authority {ca}\n")).unwrap();
+    let verified = ssh_keygen(
+        &[
+            "-Y",
+            "verify",
+            "-f",
+            signers.to_str().unwrap(),
+            "-I",
+            "carol",
+            "-n",
+            "file",
+            "-s",
+            &format!("{}.sig", message.display()),
+        ],
+        Some(b"hello from carol"),
+    );
+    assert!(verified.status.success(), "{verified:?}");
+    std::fs::write(&signers, format!("dave cert-authority {ca}\n")).unwrap();
+    let other = ssh_keygen(
+        &[
+            "-Y",
+            "verify",
+            "-f",
+            signers.to_str().unwrap(),
+            "-I",
+            "dave",
+            "-n",
+            "file",
+            "-s",
+            &format!("{}.sig", message.display()),
+        ],
+        Some(b"hello from carol"),
+    );
+    assert!(!other.status.success(), "the certificate is carol's only");
+
+    // The proxy accepts the certificate as a login too, even with the key
+    // itself removed.
+    identity
+        .client
+        .remove_ssh_key(pb::RemoveSshKeyRequest {
+            username: "carol".into(),
+            fingerprint: added.fingerprint.clone(),
+        })
+        .await
+        .unwrap();
+    let by_cert = identity
+        .client
+        .public_key_login(pb::PublicKeyLoginRequest {
+            username: "carol".into(),
+            public_key: issued.certificate.clone(),
+            source: String::new(),
+        })
+        .await;
+    assert!(by_cert.is_ok(), "{by_cert:?}");
+    let removed_key = identity
+        .client
+        .public_key_login(pb::PublicKeyLoginRequest {
+            username: "carol".into(),
+            public_key: public,
+            source: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(removed_key.code(), Code::Unauthenticated);
+
+    // Tokens: malformed or for the wrong audience are refused.
+    for bad in ["", "not.a.jwt", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJjYXJvbCJ9."] {
+        let refused = identity
+            .client
+            .issue_ssh_certificate(pb::IssueSshCertificateRequest {
+                token: bad.into(),
+                public_key: issued.certificate.clone(),
+                valid_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{bad}");
+    }
+    let workspace = identity
+        .client
+        .issue_workspace_token(pb::IssueWorkspaceTokenRequest {
+            token,
+            workspace_id: "carol-1a7fd88".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let claims = verify(&identity, &workspace.token, "carol-1a7fd88")
+        .await
+        .unwrap();
+    assert_eq!(
+        (claims.kind.as_str(), claims.sub.as_str()),
+        ("workspace", "carol")
+    );
+    assert!(
+        verify(&identity, &workspace.token, "k8shell")
+            .await
+            .is_err()
+    );
+    identity.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
+    let infra = TestInfra::start().await.unwrap();
+    let pool = infra.pool("identity").await.unwrap();
+    k8shell_identity::migrate(&pool).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kek = k8shell_identity::kek::Kek::load_or_create(&dir.path().join("kek")).unwrap();
+    let ring = KeyRing::open(
+        pool.clone(),
+        kek.clone(),
+        "https://id.example".into(),
+        Duration::from_secs(3600),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let request = TokenRequest {
+        sub: "erin",
+        aud: "k8shell",
+        kind: "user",
+        roles: &[],
+        scopes: &[],
+        amr: &["pwd"],
+        ttl: Duration::from_secs(60),
+    };
+    let (old, _) = ring.sign(&request).unwrap();
+    let old_kid = jsonwebtoken::decode_header(&old).unwrap().kid.unwrap();
+    ring.rotate_now().await.unwrap();
+    let (new, _) = ring.sign(&request).unwrap();
+    let new_kid = jsonwebtoken::decode_header(&new).unwrap().kid.unwrap();
+    assert_ne!(old_kid, new_kid, "a new key signs");
+    assert!(
+        ring.verify(&old, "k8shell").is_ok(),
+        "the old key still verifies"
+    );
+    assert!(ring.verify(&new, "k8shell").is_ok());
+    let jwks: JwkSet = serde_json::from_str(&ring.jwks()).unwrap();
+    assert_eq!(jwks.keys.len(), 2, "both published during the overlap");
+
+    // Another replica sees the same keys (they live in Postgres, sealed).
+    let replica = KeyRing::open(
+        pool.clone(),
+        kek,
+        "https://id.example".into(),
+        Duration::from_secs(3600),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert!(replica.verify(&old, "k8shell").is_ok());
+    let sealed: Vec<u8> = sqlx::query_scalar("SELECT private_key FROM signing_keys LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&sealed).contains("PRIVATE KEY"),
+        "sealed at rest"
+    );
+
+    // Once the old key's tokens can no longer be valid, it is gone.
+    sqlx::query("UPDATE signing_keys SET expires_at = now() - interval '1 second' WHERE kid = $1")
+        .bind(&old_kid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    ring.refresh().await.unwrap();
+    assert!(ring.verify(&old, "k8shell").is_err());
+    assert!(ring.verify(&new, "k8shell").is_ok());
+    let jwks: JwkSet = serde_json::from_str(&ring.jwks()).unwrap();
+    assert_eq!(jwks.keys.len(), 1);
+    // Wrong audience, tampering and `alg: none` are refused.
+    assert!(ring.verify(&new, "alice-1a7fd88").is_err());
+    let mut parts: Vec<&str> = new.split('.').collect();
+    let none_header = "eyJhbGciOiJub25lIiwia2lkIjoieCJ9";
+    parts[0] = none_header;
+    assert!(ring.verify(&parts.join("."), "k8shell").is_err());
+}
