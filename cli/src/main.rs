@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod login;
 mod projections;
 mod status;
 mod up;
@@ -33,6 +34,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Log in with a password: keeps a token and certifies your SSH key.
+    Login(login::LoginArgs),
     /// Create, list, start, stop, delete and follow workspaces.
     Workspace {
         #[command(subcommand)]
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
             Command::Status { json } => status::run(&data_dir, json).await,
             Command::Projections { command } => projections::run(command, &data_dir, &env).await,
             Command::Workspace { command } => workspace::run(command, &data_dir, &env).await,
+            Command::Login(args) => login::run(args, &data_dir, &env).await,
         }
     });
     match result {
