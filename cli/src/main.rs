@@ -67,7 +67,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up(args) => up::run(args, data_dir, &env).await,
+            Command::Up(args) => Box::pin(up::run(args, data_dir, &env)).await,
             Command::Status { json } => status::run(&data_dir, json).await,
             Command::Projections { command } => projections::run(command, &data_dir, &env).await,
             Command::Workspace { command } => workspace::run(command, &data_dir, &env).await,

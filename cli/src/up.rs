@@ -42,6 +42,7 @@ pub async fn run(
     }
     let mut config = PlatformConfig::embedded(data_dir.clone());
     config.workspaces = k8shell_platform::WorkspaceOptions::detect(env);
+    config.policies_dir = k8shell_platform::default_policies_dir(env);
     config.nats_url = env.get("NATS_URL").filter(|u| !u.is_empty()).cloned();
     config.database_url = env.get("DATABASE_URL").filter(|u| !u.is_empty()).cloned();
     config.bind = args.bind;

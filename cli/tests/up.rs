@@ -28,6 +28,10 @@ fn up(data_dir: &Path) -> Child {
             "K8SHELL_BLUEPRINTS_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/../blueprints"),
         )
+        .env(
+            "K8SHELL_POLICIES_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"),
+        )
         // No k8shelld to install: this test's workspace is recorded and its
         // provisioning fails fast instead of leaving a pod behind.
         .env_remove("K8SHELL_K8SHELLD_STATIC")

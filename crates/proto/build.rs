@@ -8,6 +8,7 @@ const FILES: &[&str] = &[
     "k8shell/provisioner/v1/provisioner.proto",
     "k8shell/k8shelld/v1/k8shelld.proto",
     "k8shell/identity/v1/identity.proto",
+    "k8shell/authz/v1/authz.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,6 +2,7 @@ use std::fmt::Write as _;
 
 use schemars::{Schema, SchemaGenerator};
 
+use crate::authz::AuthzDecided;
 use crate::user::{
     UserCreated, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated, UserPatRevoked,
     UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
@@ -38,6 +39,7 @@ fn entry<E: EventData>(rust_type: &'static str) -> EventTypeInfo {
 /// Returns every event type, grouped by context.
 pub fn catalogue() -> Vec<EventTypeInfo> {
     vec![
+        entry::<AuthzDecided>("AuthzDecided"),
         entry::<UserCreated>("UserCreated"),
         entry::<UserRolesSet>("UserRolesSet"),
         entry::<UserPasswordSet>("UserPasswordSet"),

@@ -18,6 +18,8 @@ pub enum DomainEvent {
     Workspace(WorkspaceEvent),
     /// A user or credential event.
     User(UserEvent),
+    /// An authorization decision (possibly folded).
+    AuthzDecided(crate::authz::AuthzDecided),
     /// A type this build does not know (newer producer, or another tool's
     /// event on our stream). Consumers log it and move on.
     Unknown {
@@ -63,6 +65,7 @@ impl DomainEvent {
             WorkspaceFailed::TYPE => DomainEvent::Workspace(W::Failed(data(event)?)),
             WorkspaceDeleted::TYPE => DomainEvent::Workspace(W::Deleted(data(event)?)),
             WorkspaceIdleWarning::TYPE => DomainEvent::Workspace(W::IdleWarning(data(event)?)),
+            crate::authz::AuthzDecided::TYPE => DomainEvent::AuthzDecided(data(event)?),
             UserCreated::TYPE => DomainEvent::User(U::Created(data(event)?)),
             UserRolesSet::TYPE => DomainEvent::User(U::RolesSet(data(event)?)),
             UserPasswordSet::TYPE => DomainEvent::User(U::PasswordSet(data(event)?)),

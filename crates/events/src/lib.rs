@@ -9,6 +9,7 @@
 //! This crate depends on nothing but serde and friends: it must stay cheap to
 //! link from every service and from external tools.
 
+pub mod authz;
 mod catalogue;
 mod decode;
 mod envelope;

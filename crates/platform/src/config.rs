@@ -14,6 +14,8 @@ pub struct Ports {
     pub provisioner_grpc: u16,
     /// Identity gRPC.
     pub identity_grpc: u16,
+    /// Authz gRPC.
+    pub authz_grpc: u16,
     /// Identity's public HTTP (JWKS, discovery).
     pub identity_http: u16,
     /// Admin (health and metrics) endpoints.
@@ -32,6 +34,7 @@ impl Default for Ports {
             http: 8080,
             provisioner_grpc: 7404,
             identity_grpc: 7401,
+            authz_grpc: 7402,
             identity_http: 7601,
             identity_admin: 7501,
             authz_admin: 7502,
@@ -51,6 +54,7 @@ impl Ports {
             http: 0,
             provisioner_grpc: 0,
             identity_grpc: 0,
+            authz_grpc: 0,
             identity_http: 0,
             identity_admin: 0,
             authz_admin: 0,
@@ -79,6 +83,22 @@ pub struct PlatformConfig {
     pub durability: Durability,
     /// How workspaces are built and run.
     pub workspaces: WorkspaceOptions,
+    /// Authorization policies (Rego).
+    pub policies_dir: PathBuf,
+}
+
+/// `$K8SHELL_POLICIES_DIR`, else `./policies` in a checkout, else
+/// /etc/k8shell/policies.
+pub fn default_policies_dir(env: &std::collections::HashMap<String, String>) -> PathBuf {
+    if let Some(dir) = env.get("K8SHELL_POLICIES_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let local = PathBuf::from("policies");
+    if local.is_dir() {
+        local
+    } else {
+        PathBuf::from("/etc/k8shell/policies")
+    }
 }
 
 /// Workspace settings of an embedded platform.
@@ -138,6 +158,7 @@ impl PlatformConfig {
             ports: Ports::default(),
             durability: Durability::Durable,
             workspaces: WorkspaceOptions::detect(&std::collections::HashMap::new()),
+            policies_dir: default_policies_dir(&std::collections::HashMap::new()),
         }
     }
 }

@@ -16,7 +16,7 @@ use k8shell_bus::BusConfig;
 use k8shell_embedded::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions};
 use k8shell_service::{RunningService, Shutdown};
 
-pub use config::{PlatformConfig, Ports, WorkspaceOptions, default_data_dir};
+pub use config::{PlatformConfig, Ports, WorkspaceOptions, default_data_dir, default_policies_dir};
 pub use state::{PlatformState, ServiceState};
 pub use status::{ServiceHealth, probe_services};
 
@@ -28,7 +28,10 @@ pub fn projections() -> Vec<(&'static str, std::sync::Arc<dyn k8shell_bus::Proje
     let provisioner = k8shell_provisioner::projections()
         .into_iter()
         .map(|p| (k8shell_provisioner::SCHEMA, p));
-    identity.chain(provisioner).collect()
+    let authz = k8shell_authz::projections()
+        .into_iter()
+        .map(|p| (k8shell_authz::SCHEMA, p));
+    identity.chain(authz).chain(provisioner).collect()
 }
 
 /// A running platform.
@@ -134,7 +137,12 @@ impl Platform {
         self.services.push(identity);
         let authz = k8shell_authz::start(
             k8shell_authz::Config {
+                grpc_addr: at(ports.authz_grpc),
                 admin_addr: at(ports.authz_admin),
+                bus: bus.clone(),
+                database_url: database_url.to_owned(),
+                policies_dir: config.policies_dir.clone(),
+                ..Default::default()
             },
             child(),
         )

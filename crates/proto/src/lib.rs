@@ -30,5 +30,14 @@ pub mod identity {
     }
 }
 
+/// Authz API (`k8shell.authz.v1`).
+pub mod authz {
+    /// Version 1.
+    #[allow(clippy::all, missing_docs)]
+    pub mod v1 {
+        tonic::include_proto!("k8shell.authz.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every k8shell proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("k8shell_descriptor");

@@ -36,6 +36,8 @@ impl TestPlatform {
             std::fs::copy(entry.path(), blueprints.join(entry.file_name()))?;
         }
         config.workspaces.blueprints_dir = blueprints;
+        config.policies_dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
         config.workspaces.blueprint_reload_interval = std::time::Duration::from_millis(100);
         // Workspaces of platform tests never reach a network.
         config.workspaces.network = "none".to_owned();

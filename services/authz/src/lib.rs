@@ -1,7 +1,246 @@
-//! Authz: Rego policies, their evaluation, the decision log and the SSH Shield.
-//!
-//! So far the service serves its admin endpoint (`/healthz`, `/readyz`,
-//! `/metrics`) so the platform can supervise it; its API arrives with its
-//! own issue.
+//! Authz: Rego policies evaluated in-process (regorus), with obligations,
+//! hot reload and a folded decision log on the event stream.
 
-k8shell_service::admin_only_service!("authz", 7502);
+mod api;
+mod decision_log;
+pub mod policy;
+mod projection;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8shell_bus::{Bus, BusConfig, BusMetrics, Projection, ProjectionRunner};
+use k8shell_proto::authz::v1::authz_service_server::AuthzServiceServer;
+use k8shell_service::{
+    AdminServer, Health, RunningService, Shutdown, connect_schema, drain, spawn_probe,
+};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub use projection::DecisionProjection;
+
+/// Service name.
+pub const NAME: &str = "authz";
+/// Postgres schema.
+pub const SCHEMA: &str = "authz";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Authz configuration (env prefix `K8SHELL_AUTHZ_`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC API.
+    pub grpc_addr: SocketAddr,
+    /// Health and metrics.
+    pub admin_addr: SocketAddr,
+    /// Event bus.
+    pub bus: BusConfig,
+    /// Postgres URL.
+    pub database_url: String,
+    /// Directory of `.rego` policies (watched).
+    pub policies_dir: PathBuf,
+    /// How often the directory is checked.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// Longest one evaluation may run before it is cut off (and denies).
+    #[serde(with = "humantime_serde")]
+    pub evaluation_limit: Duration,
+    /// Identical decisions within this window are logged as one.
+    #[serde(with = "humantime_serde")]
+    pub fold_window: Duration,
+    /// Longest a stop waits for in-flight work.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 7502)),
+            bus: BusConfig::default(),
+            database_url: "postgres://localhost/k8shell".to_owned(),
+            policies_dir: PathBuf::from("/etc/k8shell/policies"),
+            reload_interval: Duration::from_secs(2),
+            evaluation_limit: Duration::from_millis(100),
+            fold_window: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Projections authz keeps.
+pub fn projections() -> Vec<Arc<dyn Projection>> {
+    vec![Arc::new(DecisionProjection)]
+}
+
+/// Applies authz's migrations.
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+/// Starts authz and returns once it listens.
+pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<RunningService> {
+    let mut registry = Registry::default();
+    let bus_metrics = BusMetrics::register(&mut registry);
+    let health = Health::new();
+    for component in ["bus", "postgres", "projection"] {
+        health.register(component);
+    }
+    let catalog = Arc::new(
+        policy::PolicyCatalog::open(&config.policies_dir, config.evaluation_limit).map_err(
+            |errors| {
+                anyhow::anyhow!(
+                    "cannot load the policies in {}: {}",
+                    config.policies_dir.display(),
+                    errors.join("; ")
+                )
+            },
+        )?,
+    );
+    let pool = connect_schema(&config.database_url, SCHEMA, 5)
+        .await
+        .context("failed to connect to postgres")?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .context("failed to run authz migrations")?;
+    let bus = Bus::connect(config.bus.clone(), bus_metrics)
+        .await
+        .context("failed to connect to nats")?;
+    bus.ensure_streams()
+        .await
+        .context("failed to set up event streams")?;
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("failed to bind grpc on {}", config.grpc_addr))?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let admin = AdminServer::bind(config.admin_addr, NAME, health.clone(), Arc::new(registry))
+        .await
+        .with_context(|| format!("failed to bind admin on {}", config.admin_addr))?;
+    let admin_addr = admin.local_addr()?;
+
+    let components = shutdown.child();
+    let mut tasks = JoinSet::new();
+    let (log, log_task) = decision_log::DecisionLog::start(
+        bus.event_store(),
+        config.fold_window,
+        "rego",
+        components.token(),
+    );
+    tasks.spawn(async move { Ok(log_task.await?) });
+    {
+        let shutdown = components.clone();
+        tasks.spawn(async move { Ok(admin.serve(shutdown).await?) });
+    }
+    {
+        let api = api::AuthzApi {
+            catalog: Arc::clone(&catalog),
+            log,
+        };
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<AuthzServiceServer<api::AuthzApi>>()
+            .await;
+        let shutdown = components.clone();
+        tasks.spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(AuthzServiceServer::new(api))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    async move { shutdown.wait().await },
+                )
+                .await
+                .context("grpc server failed")
+        });
+    }
+    {
+        let catalog = Arc::clone(&catalog);
+        let shutdown = components.clone();
+        let interval = config.reload_interval;
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait() => return Ok(()),
+                    _ = tokio::time::sleep(interval) => {}
+                }
+                let catalog = Arc::clone(&catalog);
+                tokio::task::spawn_blocking(move || catalog.reload()).await?;
+            }
+        });
+    }
+    {
+        let reporter_health = health.clone();
+        let runner = ProjectionRunner::new(bus.clone(), pool.clone(), Arc::new(DecisionProjection))
+            .health_reporter(Arc::new(move |state: Result<(), String>| match state {
+                Ok(()) => reporter_health.ready("projection"),
+                Err(detail) => reporter_health.not_ready("projection", detail),
+            }));
+        let token = components.token();
+        tasks.spawn(async move { Ok(runner.run(token).await?) });
+    }
+    {
+        let probe_bus = bus.clone();
+        let probe = spawn_probe(
+            health.clone(),
+            "bus",
+            Duration::from_secs(1),
+            components.clone(),
+            move || {
+                let state = probe_bus.connection_state();
+                async move { state }
+            },
+        );
+        tasks.spawn(async move { probe.await? });
+        let pool = pool.clone();
+        let probe = spawn_probe(
+            health.clone(),
+            "postgres",
+            Duration::from_secs(1),
+            components.clone(),
+            move || {
+                let pool = pool.clone();
+                async move {
+                    sqlx::query("SELECT 1")
+                        .execute(&pool)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| format!("postgres: {e}"))
+                }
+            },
+        );
+        tasks.spawn(async move { probe.await? });
+    }
+    let grace = config.shutdown_grace;
+    let task = tokio::spawn(async move {
+        let first = tokio::select! {
+            _ = shutdown.wait() => None,
+            exited = tasks.join_next() => exited,
+        };
+        components.trigger();
+        let drained = drain(tasks, grace).await;
+        pool.close().await;
+        if let Some(Ok(Err(error))) = first {
+            return Err(error.context("authz component failed"));
+        }
+        drained
+    });
+    tracing::info!(%grpc_addr, %admin_addr, "authz started");
+    Ok(RunningService {
+        name: NAME,
+        listeners: vec![("grpc", grpc_addr), ("admin", admin_addr)],
+        task,
+    })
+}
+
+/// Runs authz until shutdown.
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    start(config, shutdown).await?.task.await?
+}
