@@ -11,6 +11,7 @@
 // A benchmark reports to its operator; a failed step ends the run.
 #![allow(clippy::unwrap_used)]
 
+mod authz;
 mod coldstart;
 mod k8shelld;
 mod latency;
@@ -67,10 +68,16 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("== workspace cold start (podman)");
         coldstart_report.push(coldstart::cold_start(if quick { 3 } else { 20 }).await?);
     }
+    let mut authz_report = report::Report::new();
+    if runs("authz") {
+        eprintln!("== authz decisions");
+        authz_report.push(authz::decisions(if quick { 1_000 } else { 20_000 }).await?);
+    }
     let markdown = report.markdown(&machine);
     println!("{markdown}");
     println!("{}", k8shelld_report.markdown(&machine));
     println!("{}", coldstart_report.markdown(&machine));
+    println!("{}", authz_report.markdown(&machine));
     if write && !quick {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
         // A section is only rewritten by a run that measured all of it.
@@ -79,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
         }
         if runs("k8shelld") {
             report::write_section(&path, "k8shelld", &k8shelld_report.markdown(&machine))?;
+        }
+        if runs("authz") {
+            report::write_section(&path, "authz", &authz_report.markdown(&machine))?;
         }
         if runs("coldstart") {
             report::write_section(&path, "coldstart", &coldstart_report.markdown(&machine))?;

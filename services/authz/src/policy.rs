@@ -37,12 +37,25 @@ pub enum EvalError {
 }
 
 /// A compiled set of policies.
-#[derive(Clone)]
 pub struct PolicySet {
     engine: regorus::Engine,
+    /// Engines ready for reuse: cloning the compiled engine for every
+    /// evaluation costs more than most decisions.
+    spare: Mutex<Vec<regorus::Engine>>,
     /// Files it was compiled from.
     pub files: Vec<PathBuf>,
     fingerprint: String,
+}
+
+impl Clone for PolicySet {
+    fn clone(&self) -> Self {
+        Self {
+            engine: self.engine.clone(),
+            spare: Mutex::new(Vec::new()),
+            files: self.files.clone(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
 }
 
 /// Rego `.rego` files of `dir` (tests excluded: `*_test.rego`).
@@ -117,6 +130,7 @@ impl PolicySet {
         }
         let set = Self {
             engine,
+            spare: Mutex::new(Vec::new()),
             files: files.iter().map(|(p, _)| p.clone()).collect(),
             fingerprint: fingerprint(&files),
         };
@@ -129,13 +143,24 @@ impl PolicySet {
 
     /// Evaluates the decision for `input`.
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<Outcome, EvalError> {
-        let mut engine = self.engine.clone();
-        let value = regorus::Value::from_json_str(&input.to_string())
-            .map_err(|e| EvalError::Policy(e.to_string()))?;
+        let value = regorus::Value::from(input.clone());
+        let mut engine = self
+            .spare
+            .lock()
+            .ok()
+            .and_then(|mut spare| spare.pop())
+            .unwrap_or_else(|| self.engine.clone());
         engine.set_input(value);
-        let result = engine
-            .eval_rule(DECISION_RULE.to_owned())
-            .map_err(|e| EvalError::Policy(e.to_string()))?;
+        let result = engine.eval_rule(DECISION_RULE.to_owned());
+        // An engine whose evaluation failed may hold half a state; only
+        // clean ones go back (a small pool: one per concurrent caller).
+        if result.is_ok()
+            && let Ok(mut spare) = self.spare.lock()
+            && spare.len() < 64
+        {
+            spare.push(engine);
+        }
+        let result = result.map_err(|e| EvalError::Policy(e.to_string()))?;
         let json = result
             .to_json_str()
             .map_err(|e| EvalError::Malformed(e.to_string()))?;

@@ -44,15 +44,25 @@ fn request(
     }
 }
 
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn decisions_obligations_bad_input_and_the_folded_log() {
     let infra = TestInfra::start().await.unwrap();
     let policies = tempfile::tempdir().unwrap();
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/k8shell");
-    std::fs::create_dir_all(policies.path().join("k8shell")).unwrap();
-    for file in ["authz.rego", "domains.rego"] {
-        std::fs::copy(repo.join(file), policies.path().join("k8shell").join(file)).unwrap();
-    }
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    copy_dir(&repo, policies.path());
     let shutdown = Shutdown::new();
     let running = k8shell_authz::start(
         k8shell_authz::Config {
