@@ -3,6 +3,7 @@ use std::fmt::Write as _;
 use schemars::{Schema, SchemaGenerator};
 
 use crate::authz::AuthzDecided;
+use crate::shield::{ShieldIpBanned, ShieldIpUnbanned, SshAuthFailed};
 use crate::user::{
     UserCreated, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated, UserPatRevoked,
     UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
@@ -40,6 +41,9 @@ fn entry<E: EventData>(rust_type: &'static str) -> EventTypeInfo {
 pub fn catalogue() -> Vec<EventTypeInfo> {
     vec![
         entry::<AuthzDecided>("AuthzDecided"),
+        entry::<SshAuthFailed>("SshAuthFailed"),
+        entry::<ShieldIpBanned>("ShieldIpBanned"),
+        entry::<ShieldIpUnbanned>("ShieldIpUnbanned"),
         entry::<UserCreated>("UserCreated"),
         entry::<UserRolesSet>("UserRolesSet"),
         entry::<UserPasswordSet>("UserPasswordSet"),

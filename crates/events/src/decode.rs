@@ -20,6 +20,12 @@ pub enum DomainEvent {
     User(UserEvent),
     /// An authorization decision (possibly folded).
     AuthzDecided(crate::authz::AuthzDecided),
+    /// A failed SSH authentication.
+    SshAuthFailed(crate::shield::SshAuthFailed),
+    /// A ban.
+    ShieldIpBanned(crate::shield::ShieldIpBanned),
+    /// A ban's end.
+    ShieldIpUnbanned(crate::shield::ShieldIpUnbanned),
     /// A type this build does not know (newer producer, or another tool's
     /// event on our stream). Consumers log it and move on.
     Unknown {
@@ -66,6 +72,9 @@ impl DomainEvent {
             WorkspaceDeleted::TYPE => DomainEvent::Workspace(W::Deleted(data(event)?)),
             WorkspaceIdleWarning::TYPE => DomainEvent::Workspace(W::IdleWarning(data(event)?)),
             crate::authz::AuthzDecided::TYPE => DomainEvent::AuthzDecided(data(event)?),
+            crate::shield::SshAuthFailed::TYPE => DomainEvent::SshAuthFailed(data(event)?),
+            crate::shield::ShieldIpBanned::TYPE => DomainEvent::ShieldIpBanned(data(event)?),
+            crate::shield::ShieldIpUnbanned::TYPE => DomainEvent::ShieldIpUnbanned(data(event)?),
             UserCreated::TYPE => DomainEvent::User(U::Created(data(event)?)),
             UserRolesSet::TYPE => DomainEvent::User(U::RolesSet(data(event)?)),
             UserPasswordSet::TYPE => DomainEvent::User(U::PasswordSet(data(event)?)),

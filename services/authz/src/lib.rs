@@ -5,6 +5,7 @@ mod api;
 mod decision_log;
 pub mod policy;
 mod projection;
+pub mod shield;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +55,8 @@ pub struct Config {
     /// Identical decisions within this window are logged as one.
     #[serde(with = "humantime_serde")]
     pub fold_window: Duration,
+    /// Run the SSH Shield (ban addresses after repeated SSH failures).
+    pub shield: bool,
     /// Longest a stop waits for in-flight work.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -70,6 +73,7 @@ impl Default for Config {
             reload_interval: Duration::from_secs(2),
             evaluation_limit: Duration::from_millis(100),
             fold_window: Duration::from_secs(10),
+            shield: true,
             shutdown_grace: Duration::from_secs(3),
         }
     }
@@ -175,6 +179,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
                 tokio::task::spawn_blocking(move || catalog.reload()).await?;
             }
         });
+    }
+    if config.shield {
+        let shield = shield::Shield::open(bus.clone(), Arc::clone(&catalog))
+            .await
+            .context("cannot start the SSH shield")?;
+        let token = components.token();
+        tasks.spawn(Box::pin(shield.run(token)));
     }
     {
         let reporter_health = health.clone();

@@ -143,6 +143,17 @@ impl PolicySet {
 
     /// Evaluates the decision for `input`.
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<Outcome, EvalError> {
+        let json = self.evaluate_rule(DECISION_RULE, input)?;
+        serde_json::from_value(json.clone())
+            .map_err(|e| EvalError::Malformed(format!("{e}: {json}")))
+    }
+
+    /// Evaluates any rule for `input`, as JSON.
+    pub fn evaluate_rule(
+        &self,
+        rule: &str,
+        input: &serde_json::Value,
+    ) -> Result<serde_json::Value, EvalError> {
         let value = regorus::Value::from(input.clone());
         let mut engine = self
             .spare
@@ -151,7 +162,7 @@ impl PolicySet {
             .and_then(|mut spare| spare.pop())
             .unwrap_or_else(|| self.engine.clone());
         engine.set_input(value);
-        let result = engine.eval_rule(DECISION_RULE.to_owned());
+        let result = engine.eval_rule(rule.to_owned());
         // An engine whose evaluation failed may hold half a state; only
         // clean ones go back (a small pool: one per concurrent caller).
         if result.is_ok()
