@@ -5,6 +5,7 @@
 //! Depends on `k8shell-events` for the envelope and on nothing service-specific.
 
 mod aggregate;
+pub mod components;
 mod config;
 mod metrics;
 mod projection;

@@ -21,11 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8shell_bus::{Bus, BusConfig, BusMetrics, Projection, ProjectionRunner};
+use k8shell_bus::{Bus, BusConfig, BusMetrics, Projection};
 use k8shell_proto::provisioner::v1::provisioner_service_server::ProvisionerServiceServer;
-use k8shell_service::{
-    AdminServer, Health, RunningService, Shutdown, connect_schema, drain, spawn_probe,
-};
+use k8shell_service::{AdminServer, Health, RunningService, Shutdown, connect_schema};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -227,65 +225,19 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
                 .context("grpc server failed")
         });
     }
-    {
-        let reporter_health = health.clone();
-        let runner =
-            ProjectionRunner::new(bus.clone(), pool.clone(), Arc::new(WorkspaceProjection))
-                .health_reporter(Arc::new(move |state: Result<(), String>| match state {
-                    Ok(()) => reporter_health.ready("projection"),
-                    Err(detail) => reporter_health.not_ready("projection", detail),
-                }));
-        let token = components.token();
-        tasks.spawn(async move { Ok(runner.run(token).await?) });
-    }
-    {
-        let probe_bus = bus.clone();
-        let probe = spawn_probe(
-            health.clone(),
-            "bus",
-            Duration::from_secs(1),
-            components.clone(),
-            move || {
-                let state = probe_bus.connection_state();
-                async move { state }
-            },
-        );
-        tasks.spawn(async move { probe.await? });
-        let pool = pool.clone();
-        let probe = spawn_probe(
-            health.clone(),
-            "postgres",
-            Duration::from_secs(1),
-            components.clone(),
-            move || {
-                let pool = pool.clone();
-                async move {
-                    sqlx::query("SELECT 1")
-                        .execute(&pool)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| format!("postgres: {e}"))
-                }
-            },
-        );
-        tasks.spawn(async move { probe.await? });
-    }
+    k8shell_bus::components::spawn_projection(
+        &mut tasks,
+        &health,
+        &components,
+        "projection",
+        &bus,
+        &pool,
+        Arc::new(WorkspaceProjection),
+    );
+    k8shell_bus::components::spawn_backbone_probes(&mut tasks, &health, &components, &bus, &pool);
 
     let grace = config.shutdown_grace;
-    let task = tokio::spawn(async move {
-        // A component that exits early takes the service down with it.
-        let first = tokio::select! {
-            _ = shutdown.wait() => None,
-            exited = tasks.join_next() => exited,
-        };
-        components.trigger();
-        let drained = drain(tasks, grace).await;
-        pool.close().await;
-        if let Some(Ok(Err(error))) = first {
-            return Err(error.context("provisioner component failed"));
-        }
-        drained
-    });
+    let task = k8shell_bus::components::supervise(NAME, shutdown, components, tasks, grace, pool);
     tracing::info!(%grpc_addr, %admin_addr, "provisioner started");
     Ok(RunningService {
         name: NAME,
