@@ -10,7 +10,8 @@ use crate::user::{
 };
 use crate::workspace::{
     WorkspaceDeleted, WorkspaceFailed, WorkspaceIdleWarning, WorkspaceProvisioning,
-    WorkspaceRequested, WorkspaceRunning, WorkspaceStopped, WorkspaceStopping,
+    WorkspaceRequested, WorkspaceRunning, WorkspaceStopScheduled, WorkspaceStopped,
+    WorkspaceStopping,
 };
 use crate::{Context, EventData, SUBJECT_PREFIX};
 
@@ -62,6 +63,7 @@ pub fn catalogue() -> Vec<EventTypeInfo> {
         entry::<WorkspaceFailed>("WorkspaceFailed"),
         entry::<WorkspaceDeleted>("WorkspaceDeleted"),
         entry::<WorkspaceIdleWarning>("WorkspaceIdleWarning"),
+        entry::<WorkspaceStopScheduled>("WorkspaceStopScheduled"),
     ]
 }
 

@@ -71,6 +71,9 @@ impl DomainEvent {
             WorkspaceFailed::TYPE => DomainEvent::Workspace(W::Failed(data(event)?)),
             WorkspaceDeleted::TYPE => DomainEvent::Workspace(W::Deleted(data(event)?)),
             WorkspaceIdleWarning::TYPE => DomainEvent::Workspace(W::IdleWarning(data(event)?)),
+            crate::workspace::WorkspaceStopScheduled::TYPE => {
+                DomainEvent::Workspace(W::StopScheduled(data(event)?))
+            }
             crate::authz::AuthzDecided::TYPE => DomainEvent::AuthzDecided(data(event)?),
             crate::shield::SshAuthFailed::TYPE => DomainEvent::SshAuthFailed(data(event)?),
             crate::shield::ShieldIpBanned::TYPE => DomainEvent::ShieldIpBanned(data(event)?),

@@ -125,6 +125,21 @@ workspace_event!(
     "The workspace is idle and will be stopped soon unless it is used."
 );
 
+/// A stop was asked for at a later time; a start, stop or delete before
+/// then cancels it. Survives provisioner restarts (it is an event).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkspaceStopScheduled {
+    /// RFC 3339 time of the stop.
+    pub at: String,
+    /// Why, recorded on the stop.
+    pub reason: String,
+}
+workspace_event!(
+    WorkspaceStopScheduled,
+    "stop_scheduled",
+    "A stop was scheduled for a later time."
+);
+
 /// Every workspace event this build understands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum WorkspaceEvent {
@@ -144,4 +159,6 @@ pub enum WorkspaceEvent {
     Deleted(WorkspaceDeleted),
     /// See [`WorkspaceIdleWarning`].
     IdleWarning(WorkspaceIdleWarning),
+    /// See [`WorkspaceStopScheduled`].
+    StopScheduled(WorkspaceStopScheduled),
 }

@@ -142,6 +142,7 @@ fn event_name(event: &WorkspaceEvent) -> (&'static str, String) {
         WorkspaceEvent::Stopped(e) => ("stopped", e.reason.clone()),
         WorkspaceEvent::Failed(e) => ("failed", e.reason.clone()),
         WorkspaceEvent::Deleted(_) => ("deleted", String::new()),
+        WorkspaceEvent::StopScheduled(e) => ("stop_scheduled", format!("stop at {}", e.at)),
         WorkspaceEvent::IdleWarning(e) => (
             "idle_warning",
             format!(

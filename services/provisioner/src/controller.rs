@@ -23,7 +23,8 @@ use crate::runtime::{ActualState, Progress, Runtime, RuntimeEvent};
 use crate::tokens::WorkspaceTokens;
 use crate::workspace::{
     CreateDecision, DecideError, Outcome, Refusal, StartDecision, State, StopDecision, Workspace,
-    WorkspaceAggregate, decide_create, decide_delete, decide_outcome, decide_start, decide_stop,
+    WorkspaceAggregate, decide_create, decide_delete, decide_outcome, decide_schedule_stop,
+    decide_start, decide_stop,
 };
 
 /// Lifecycle settings (`[lifecycle]` in the provisioner's config).
@@ -329,28 +330,60 @@ impl Controller {
             return Err(ControlError::NotFound(format!("workspace {id} not found")));
         };
         if !delay.is_zero() {
-            // In memory: a provisioner restart forgets it (documented).
-            let controller = self.clone();
-            let (owned_id, owned_reason) = (id.to_owned(), reason.to_owned());
-            let handle = tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                lock(&controller.inner.scheduled_stops).remove(&owned_id);
-                if let Err(error) = controller.stop_now(&owned_id, &owned_reason).await {
-                    tracing::warn!(workspace = %owned_id, %error, "scheduled stop failed");
-                }
-            });
-            if let Some(previous) =
-                lock(&self.inner.scheduled_stops).insert(id.to_owned(), handle.abort_handle())
-            {
-                previous.abort();
+            // Recorded as an event, so a restarted provisioner re-arms it.
+            let at = time::OffsetDateTime::now_utc()
+                + time::Duration::try_from(delay).unwrap_or(time::Duration::DAY);
+            let at = at
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|e| ControlError::Internal(e.to_string()))?;
+            let aggregate = aggregate_id(id)?;
+            let executed =
+                execute::<WorkspaceAggregate, _, _, _>(&self.inner.store, &aggregate, |state| {
+                    decide_schedule_stop(state, &aggregate, &at, reason)
+                })
+                .await?;
+            if executed.outcome {
+                self.arm_stop(id, &at, reason);
             }
-            tracing::info!(workspace = id, ?delay, "stop scheduled");
-            return Ok(workspace);
+            return Ok(executed.state.0.unwrap_or(workspace));
         }
         if let Some(previous) = lock(&self.inner.scheduled_stops).remove(id) {
             previous.abort();
         }
         self.stop_now(id, reason).await
+    }
+
+    /// Arms the timer of a scheduled stop (`at`, RFC 3339); the stop
+    /// happens only if the workspace still has that stop scheduled.
+    fn arm_stop(&self, id: &str, at: &str, reason: &str) {
+        let delay = time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+            .map(|at| (at - time::OffsetDateTime::now_utc()).unsigned_abs())
+            .unwrap_or_default();
+        let controller = self.clone();
+        let (owned_id, owned_at, owned_reason) = (id.to_owned(), at.to_owned(), reason.to_owned());
+        let handle = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            lock(&controller.inner.scheduled_stops).remove(&owned_id);
+            let still = controller
+                .load(&owned_id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|w| w.stop_at)
+                .is_some_and(|(at, _)| at == owned_at);
+            if !still {
+                return; // started, stopped or deleted meanwhile
+            }
+            if let Err(error) = controller.stop_now(&owned_id, &owned_reason).await {
+                tracing::warn!(workspace = %owned_id, %error, "scheduled stop failed");
+            }
+        });
+        if let Some(previous) =
+            lock(&self.inner.scheduled_stops).insert(id.to_owned(), handle.abort_handle())
+        {
+            previous.abort();
+        }
+        tracing::info!(workspace = id, at, "stop scheduled");
     }
 
     async fn stop_now(&self, id: &str, reason: &str) -> Result<Workspace, ControlError> {
@@ -649,6 +682,12 @@ impl Controller {
             }
         };
         drop(held);
+        if let Some((at, reason)) = &workspace.stop_at
+            && !lock(&self.inner.scheduled_stops).contains_key(id)
+        {
+            // Scheduled before a restart of this provisioner.
+            self.arm_stop(id, at, reason);
+        }
         match (workspace.state, &actual) {
             (State::Requested, _) | (State::Failed, _) if !workspace.desired_running => {}
             (State::Requested, _) => {

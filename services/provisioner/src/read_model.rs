@@ -36,6 +36,7 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(Workspace, i64), sqlx::Error
         // The read model does not keep these; decisions load the aggregate.
         metadata: Default::default(),
         desired_running: false,
+        stop_at: None,
     };
     Ok((workspace, row.try_get("created_seq")?))
 }

@@ -119,7 +119,7 @@ impl Change {
                 stage: cleared(),
                 progress: Some(0),
             },
-            WorkspaceEvent::IdleWarning(_) => Change::default(),
+            WorkspaceEvent::IdleWarning(_) | WorkspaceEvent::StopScheduled(_) => Change::default(),
         }
     }
 }
@@ -145,6 +145,9 @@ pub struct Workspace {
     /// Whether the owner wants it running (a failure does not change it;
     /// the reconcile loop restarts what should run).
     pub desired_running: bool,
+    /// A scheduled stop: (RFC 3339 time, reason); cleared by any change
+    /// of state.
+    pub stop_at: Option<(String, String)>,
 }
 
 /// Aggregate state: `None` until requested.
@@ -179,6 +182,7 @@ impl Aggregate for WorkspaceAggregate {
                     progress: 0,
                     metadata: requested.metadata.clone(),
                     desired_running: true,
+                    stop_at: None,
                 });
             }
             (Some(workspace), event) => {
@@ -197,6 +201,12 @@ impl Aggregate for WorkspaceAggregate {
                 }
                 if let Some(progress) = change.progress {
                     workspace.progress = progress;
+                }
+                if change.state.is_some() {
+                    workspace.stop_at = None;
+                }
+                if let WorkspaceEvent::StopScheduled(e) = event {
+                    workspace.stop_at = Some((e.at.clone(), e.reason.clone()));
                 }
                 match event {
                     WorkspaceEvent::Provisioning(_) | WorkspaceEvent::Running(_) => {
@@ -358,6 +368,29 @@ pub fn decide_stop(
             StopDecision::Stop,
         )),
     }
+}
+
+/// Schedules a stop at `at` (RFC 3339) unless it is stopping or stopped.
+pub fn decide_schedule_stop(
+    state: &WorkspaceAggregate,
+    id: &AggregateId,
+    at: &str,
+    reason: &str,
+) -> Result<(Vec<CloudEvent>, bool), DecideError> {
+    let workspace = live(state, id)?;
+    if matches!(workspace.state, State::Stopping | State::Stopped) {
+        return Ok((Vec::new(), false));
+    }
+    Ok((
+        vec![event(
+            id,
+            &k8shell_events::workspace::WorkspaceStopScheduled {
+                at: at.to_owned(),
+                reason: reason.to_owned(),
+            },
+        )?],
+        true,
+    ))
 }
 
 /// Decides a delete: always possible on a live workspace.
@@ -590,5 +623,22 @@ mod tests {
             (State::Failed, true)
         );
         assert_eq!(workspace.reason, "boom");
+
+        // A scheduled stop is remembered, and a start clears it.
+        let (events, scheduled) =
+            decide_schedule_stop(&state, &id, "2030-01-01T00:00:00Z", "user").unwrap();
+        assert!(scheduled);
+        apply_all(&mut state, events);
+        assert_eq!(
+            state.0.as_ref().unwrap().stop_at,
+            Some(("2030-01-01T00:00:00Z".to_owned(), "user".to_owned()))
+        );
+        let (events, _) = decide_start(&state, &id, "Starting").unwrap();
+        apply_all(&mut state, events);
+        assert_eq!(
+            state.0.as_ref().unwrap().stop_at,
+            None,
+            "a start cancels it"
+        );
     }
 }

@@ -395,6 +395,51 @@ async fn two_concurrent_starts_start_once_and_ensure_running_cold_starts() {
         "up\n",
         "k8shelld answers at once"
     );
+
+    // A delayed stop: recorded as an event, carried out when due.
+    let asked = std::time::Instant::now();
+    h.client
+        .stop_workspace(pb::StopWorkspaceRequest {
+            id: ws.id.clone(),
+            delay_seconds: 2,
+            reason: "lunch".into(),
+        })
+        .await
+        .unwrap();
+    let still = h
+        .client
+        .get_workspace(pb::GetWorkspaceRequest {
+            id: ws.id.clone(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(still.state(), pb::WorkspaceState::Running);
+    h.wait_for(&ws.id, pb::WorkspaceState::Stopped).await;
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        asked.elapsed()
+    );
+    // The read model follows within moments.
+    let mut stopped = pb::Workspace::default();
+    for _ in 0..100 {
+        stopped = h
+            .client
+            .get_workspace(pb::GetWorkspaceRequest {
+                id: ws.id.clone(),
+                min_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if stopped.state() == pb::WorkspaceState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(stopped.reason, "lunch");
     cleanup(&mut h, &ws.id).await;
     h.stop().await;
 }
