@@ -138,23 +138,32 @@ async fn up_reports_healthy_stops_within_five_seconds_and_keeps_data() {
     let mut identity = IdentityServiceClient::connect(listener_url(dir.path(), "identity", "grpc"))
         .await
         .unwrap();
-    let admin = identity
-        .get_user(k8shell_proto::identity::v1::GetUserRequest {
-            username: "admin".into(),
-            min_version: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // It happens right after start-up, and the key list is a projection:
+    // wait for both (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (admin, keys) = loop {
+        let admin = identity
+            .get_user(k8shell_proto::identity::v1::GetUserRequest {
+                username: "admin".into(),
+                min_version: 0,
+            })
+            .await;
+        let keys = identity
+            .list_ssh_keys(k8shell_proto::identity::v1::ListSshKeysRequest {
+                username: "admin".into(),
+            })
+            .await
+            .map(|r| r.into_inner().keys)
+            .unwrap_or_default();
+        match admin {
+            Ok(admin) if !keys.is_empty() => break (admin.into_inner(), keys),
+            _ if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("no admin with a key after 20 s: {other:?} {keys:?}"),
+        }
+    };
     assert_eq!(admin.roles, ["admin"]);
-    let keys = identity
-        .list_ssh_keys(k8shell_proto::identity::v1::ListSshKeysRequest {
-            username: "admin".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
     let generated = std::fs::read_to_string(dir.path().join("admin_ed25519.pub")).unwrap();
     assert_eq!(keys.len(), 1);
     assert!(

@@ -30,7 +30,7 @@ pub struct TestProvisioner {
     shutdown: Shutdown,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
-    _infra: TestInfra,
+    infra: TestInfra,
 }
 
 impl TestProvisioner {
@@ -101,8 +101,14 @@ impl TestProvisioner {
             shutdown,
             task: Some(running.task),
             _dir: dir,
-            _infra: infra,
+            infra,
         })
+    }
+
+    /// The event store of the provisioner's bus (to simulate what other
+    /// writers or crashes leave behind).
+    pub async fn event_store(&self) -> anyhow::Result<k8shell_bus::EventStore> {
+        Ok(self.infra.bus().await?.event_store())
     }
 
     /// Stops the provisioner (workspaces keep running, as in production).

@@ -239,6 +239,57 @@ impl Controller {
         Ok(state.0.filter(|w| w.state != State::Deleted))
     }
 
+    /// Like [`Controller::load`], deleted workspaces included.
+    async fn load_any(&self, id: &str) -> Result<Option<Workspace>, ControlError> {
+        let aggregate = aggregate_id(id)?;
+        let loaded = self
+            .inner
+            .store
+            .load(k8shell_events::Context::Workspace, &aggregate)
+            .await
+            .map_err(|_| ControlError::Unavailable)?;
+        let mut state = WorkspaceAggregate::default();
+        for event in &loaded.events {
+            k8shell_bus::Aggregate::apply(&mut state, event);
+        }
+        Ok(state.0)
+    }
+
+    /// Removes runtime objects of workspaces that were deleted (a delete
+    /// whose runtime part failed, or a provisioner killed in between).
+    /// Objects with no workspace at all are left alone: they may belong to
+    /// another installation on the same runtime. Retained volumes stay.
+    pub async fn collect_garbage(&self) {
+        let found = match self.inner.runtime.list().await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "garbage collection: runtime unavailable");
+                return;
+            }
+        };
+        for (id, _) in found {
+            let guard = self.op_lock(&id);
+            let Ok(_held) = guard.try_lock() else {
+                continue;
+            };
+            let deleted = matches!(
+                self.load_any(&id).await,
+                Ok(Some(workspace)) if workspace.state == State::Deleted
+            );
+            if !deleted {
+                continue;
+            }
+            match self.inner.runtime.delete(&id, true).await {
+                Ok(()) => {
+                    tracing::info!(workspace = %id, "removed the objects of a deleted workspace");
+                }
+                Err(error) => {
+                    tracing::warn!(workspace = %id, %error, "cannot remove a deleted workspace's objects");
+                }
+            }
+        }
+    }
+
     /// Records a request for a workspace (idempotent).
     pub async fn create(
         &self,
@@ -896,12 +947,16 @@ impl Controller {
             let interval = self.inner.config.reconcile_interval;
             handles.push(tokio::spawn(async move {
                 controller.reconcile_all().await;
+                controller.collect_garbage().await;
                 let mut tick = tokio::time::interval(interval);
                 tick.tick().await;
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tick.tick() => controller.reconcile_all().await,
+                        _ = tick.tick() => {
+                            controller.reconcile_all().await;
+                            controller.collect_garbage().await;
+                        }
                         event = events.recv() => match event {
                             Some(RuntimeEvent { workspace_id, kind, detail }) => {
                                 tracing::debug!(workspace = %workspace_id, %kind, %detail, "runtime event");

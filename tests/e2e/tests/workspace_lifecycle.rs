@@ -470,6 +470,49 @@ async fn idle_workspaces_are_warned_then_stopped() {
 }
 
 #[tokio::test]
+async fn objects_of_a_deleted_workspace_are_collected() {
+    let mut h = Harness::start().await;
+    let ws = h.running("gail", "dev").await;
+    // A delete whose runtime part never happened (provisioner killed
+    // between the event and the cleanup): only the event is there.
+    let store = h.provisioner.event_store().await.unwrap();
+    let id = k8shell_events::AggregateId::new(ws.id.clone()).unwrap();
+    let deleted = k8shell_events::CloudEvent::new(
+        "test",
+        &id,
+        &k8shell_events::workspace::WorkspaceDeleted {
+            volumes_retained: true,
+        },
+    )
+    .unwrap();
+    store
+        .append(
+            k8shell_events::Context::Workspace,
+            &id,
+            k8shell_bus::ExpectedVersion::Any,
+            &[deleted],
+        )
+        .await
+        .unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if !podman(&["pod", "exists", &ws.id]).status.success() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gone, "the pod of the deleted workspace was removed");
+    let home = format!("{}-home", ws.id);
+    assert!(
+        podman(&["volume", "exists", &home]).status.success(),
+        "retained volumes stay"
+    );
+    let _ = podman(&["volume", "rm", "-f", &home]);
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn an_attached_session_keeps_an_idle_workspace_running() {
     use k8shell_proto::k8shelld::v1::{ShellRequest, ShellStart, shell_request};
     let mut h = Harness::start().await;
