@@ -78,6 +78,14 @@ fn running_pod(applied: &serde_json::Value, running: bool) -> serde_json::Value 
     pod
 }
 
+fn pod_list(pod: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "PodList",
+        "metadata": {"resourceVersion": "1"},
+        "items": [pod],
+    })
+}
+
 /// Serves requests with `answer` until the client goes away; returns them.
 fn mock_server<F>(answer: F) -> (kube::Client, tokio::task::JoinHandle<Vec<Seen>>)
 where
@@ -119,19 +127,25 @@ fn config() -> KubernetesConfig {
 async fn provision_applies_every_object_server_side_and_follows_the_pod() {
     let (client, server) = mock_server(|request, seen| {
         let pod_path = "/api/v1/namespaces/ws/pods/alice-1a7fd88";
+        let applied = seen
+            .iter()
+            .find(|s| s.method == Method::PATCH && s.uri.starts_with(pod_path));
         match (&request.method, request.uri.split('?').next().unwrap()) {
             (&Method::PATCH, _) => json(&request.body),
-            (&Method::GET, path) if path == pod_path => {
-                let applied = seen
-                    .iter()
-                    .find(|s| s.method == Method::PATCH && s.uri.starts_with(pod_path));
-                let polls = seen
-                    .iter()
-                    .filter(|s| s.method == Method::GET && s.uri.starts_with(pod_path))
-                    .count();
-                match applied {
-                    None => status(404, "NotFound"),
-                    Some(applied) => json(&running_pod(&applied.body, polls >= 3)),
+            // Before the apply: no such pod.
+            (&Method::GET, path) if path == pod_path => status(404, "NotFound"),
+            // The watcher: a list (pending), then a watch (running).
+            (&Method::GET, "/api/v1/namespaces/ws/pods") => {
+                let applied = &applied.unwrap().body;
+                if request.uri.contains("watch=true") {
+                    let mut pod = running_pod(applied, true);
+                    pod["metadata"]["resourceVersion"] = "2".into();
+                    let event = serde_json::json!({"type": "MODIFIED", "object": pod});
+                    Response::builder()
+                        .body(Body::from(format!("{event}\n").into_bytes()))
+                        .unwrap()
+                } else {
+                    json(&pod_list(running_pod(applied, false)))
                 }
             }
             _ => status(404, "NotFound"),
@@ -198,14 +212,9 @@ async fn provision_applies_every_object_server_side_and_follows_the_pod() {
 #[tokio::test]
 async fn an_image_that_cannot_be_pulled_fails_the_start_with_the_reason() {
     let (client, server) = mock_server(|request, seen| {
-        let pod_path = "/api/v1/namespaces/ws/pods/alice-1a7fd88";
-        match request.method {
-            Method::PATCH => json(&request.body),
-            Method::GET
-                if seen
-                    .iter()
-                    .any(|s| s.uri.starts_with(pod_path) && s.method == Method::PATCH) =>
-            {
+        match (&request.method, request.uri.split('?').next().unwrap()) {
+            (&Method::PATCH, _) => json(&request.body),
+            (&Method::GET, "/api/v1/namespaces/ws/pods") => {
                 let applied = &seen
                     .iter()
                     .rfind(|s| s.method == Method::PATCH)
@@ -217,7 +226,7 @@ async fn an_image_that_cannot_be_pulled_fails_the_start_with_the_reason() {
                     "containerStatuses": [{"name": "workspace", "image": "debian:bookworm", "imageID": "",
                         "ready": false, "restartCount": 0,
                         "state": {"waiting": {"reason": "ErrImagePull", "message": "manifest unknown"}}}]});
-                json(&pod)
+                json(&pod_list(pod))
             }
             _ => status(404, "NotFound"),
         }

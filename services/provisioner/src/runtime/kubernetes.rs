@@ -11,6 +11,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -366,12 +367,29 @@ impl KubernetesRuntime {
             }
         }
         self.apply(&pod).await?;
+        // The pod's status from a watch (list, then watch from its
+        // resourceVersion; the watcher resumes by itself after a drop).
+        let config =
+            kube::runtime::watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut updates = kube::runtime::watcher(pods.clone(), config)
+            .applied_objects()
+            .boxed();
         let mut last = None;
         loop {
-            let current = pods
-                .get(&name)
-                .await
-                .map_err(|e| failed("reading the pod", e))?;
+            let current = match updates.next().await {
+                Some(Ok(pod)) => pod,
+                Some(Err(error)) => {
+                    // Transient (the watcher retries); say why it had to.
+                    tracing::debug!(%error, pod = %name, "pod watch interrupted");
+                    continue;
+                }
+                None => {
+                    return Err(RuntimeError::Unavailable {
+                        runtime: "kubernetes",
+                        message: format!("the watch of pod {name} ended"),
+                    });
+                }
+            };
             let stage = pod_stage(&current);
             if let PodStage::Failed(reason) = stage {
                 return Err(RuntimeError::Failed {
@@ -387,7 +405,6 @@ impl KubernetesRuntime {
             if stage == PodStage::Running {
                 break;
             }
-            tokio::time::sleep(self.config.poll_interval).await;
         }
         Ok(format!("https://{host}:{DAEMON_PORT}"))
     }
