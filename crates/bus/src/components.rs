@@ -9,10 +9,39 @@ use k8shell_service::{Health, Shutdown, spawn_probe};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 
-use crate::{Bus, Projection, ProjectionRunner};
+use anyhow::Context as _;
+
+use crate::{Bus, BusConfig, BusMetrics, Projection, ProjectionRunner};
 
 /// Health components these helpers report: register them at start.
 pub const BACKBONE_COMPONENTS: [&str; 2] = ["bus", "postgres"];
+
+/// Connects what every event-sourced service starts with: its own Postgres
+/// schema, migrated, and the bus with its streams set up.
+pub async fn connect_backbone(
+    name: &str,
+    bus: &BusConfig,
+    metrics: BusMetrics,
+    database_url: &str,
+    schema: &str,
+    pool_size: u32,
+    migrator: &sqlx::migrate::Migrator,
+) -> anyhow::Result<(Bus, PgPool)> {
+    let pool = k8shell_service::connect_schema(database_url, schema, pool_size)
+        .await
+        .context("failed to connect to postgres")?;
+    migrator
+        .run(&pool)
+        .await
+        .with_context(|| format!("failed to run {name} migrations"))?;
+    let bus = Bus::connect(bus.clone(), metrics)
+        .await
+        .context("failed to connect to nats")?;
+    bus.ensure_streams()
+        .await
+        .context("failed to set up event streams")?;
+    Ok((bus, pool))
+}
 
 /// Probes NATS and Postgres every second into `health`.
 pub fn spawn_backbone_probes(

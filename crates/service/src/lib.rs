@@ -7,6 +7,7 @@
 mod admin;
 mod config;
 mod entry;
+mod grpc;
 mod health;
 mod postgres;
 mod probe;
@@ -16,6 +17,7 @@ pub use admin::{AdminServer, serve_admin};
 pub use config::{ConfigError, load_config};
 pub use entry::{service_main, service_main_with_logs, start_admin_only};
 
+pub use grpc::spawn_grpc_server;
 pub use health::{Health, HealthReport};
 pub use postgres::{PostgresError, connect_schema};
 pub use probe::spawn_probe;

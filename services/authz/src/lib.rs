@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8shell_bus::{Bus, BusConfig, BusMetrics, Projection};
+use k8shell_bus::{BusConfig, BusMetrics, Projection};
 use k8shell_proto::authz::v1::authz_service_server::AuthzServiceServer;
-use k8shell_service::{AdminServer, Health, RunningService, Shutdown, connect_schema};
+use k8shell_service::{AdminServer, Health, RunningService, Shutdown};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -106,19 +106,16 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
             },
         )?,
     );
-    let pool = connect_schema(&config.database_url, SCHEMA, 5)
-        .await
-        .context("failed to connect to postgres")?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("failed to run authz migrations")?;
-    let bus = Bus::connect(config.bus.clone(), bus_metrics)
-        .await
-        .context("failed to connect to nats")?;
-    bus.ensure_streams()
-        .await
-        .context("failed to set up event streams")?;
+    let (bus, pool) = k8shell_bus::components::connect_backbone(
+        NAME,
+        &config.bus,
+        bus_metrics,
+        &config.database_url,
+        SCHEMA,
+        5,
+        &MIGRATOR,
+    )
+    .await?;
     let grpc_listener = TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("failed to bind grpc on {}", config.grpc_addr))?;
@@ -146,22 +143,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
             catalog: Arc::clone(&catalog),
             log,
         };
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        reporter
-            .set_serving::<AuthzServiceServer<api::AuthzApi>>()
-            .await;
-        let shutdown = components.clone();
-        tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(AuthzServiceServer::new(api))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    async move { shutdown.wait().await },
-                )
-                .await
-                .context("grpc server failed")
-        });
+        k8shell_service::spawn_grpc_server(
+            &mut tasks,
+            grpc_listener,
+            tonic::service::Routes::new(AuthzServiceServer::new(api)),
+            <AuthzServiceServer<api::AuthzApi> as tonic::server::NamedService>::NAME,
+            components.clone(),
+        );
     }
     {
         let catalog = Arc::clone(&catalog);

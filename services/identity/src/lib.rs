@@ -23,9 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8shell_bus::{Bus, BusConfig, BusMetrics, Projection};
+use k8shell_bus::{BusConfig, BusMetrics, Projection};
 use k8shell_proto::identity::v1::identity_service_server::IdentityServiceServer;
-use k8shell_service::{AdminServer, Health, RunningService, Shutdown, connect_schema};
+use k8shell_service::{AdminServer, Health, RunningService, Shutdown};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -127,19 +127,16 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     for component in ["bus", "postgres", "projection"] {
         health.register(component);
     }
-    let pool = connect_schema(&config.database_url, SCHEMA, 10)
-        .await
-        .context("failed to connect to postgres")?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("failed to run identity migrations")?;
-    let bus = Bus::connect(config.bus.clone(), bus_metrics)
-        .await
-        .context("failed to connect to nats")?;
-    bus.ensure_streams()
-        .await
-        .context("failed to set up event streams")?;
+    let (bus, pool) = k8shell_bus::components::connect_backbone(
+        NAME,
+        &config.bus,
+        bus_metrics,
+        &config.database_url,
+        SCHEMA,
+        10,
+        &MIGRATOR,
+    )
+    .await?;
     let kek = kek::Kek::load_or_create(&config.state_dir.join("kek"))
         .context("cannot load the key-encryption key")?;
     let ca = Arc::new(
@@ -210,22 +207,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
                 lockout: config.lockout.clone(),
             },
         };
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        reporter
-            .set_serving::<IdentityServiceServer<api::IdentityApi>>()
-            .await;
-        let shutdown = components.clone();
-        tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(IdentityServiceServer::new(api))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    async move { shutdown.wait().await },
-                )
-                .await
-                .context("grpc server failed")
-        });
+        k8shell_service::spawn_grpc_server(
+            &mut tasks,
+            grpc_listener,
+            tonic::service::Routes::new(IdentityServiceServer::new(api)),
+            <IdentityServiceServer<api::IdentityApi> as tonic::server::NamedService>::NAME,
+            components.clone(),
+        );
     }
     {
         // Rotation and other replicas' new keys are picked up here.

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use k8shell_bus::{Bus, BusConfig, BusMetrics, Projection};
+use k8shell_bus::{BusConfig, BusMetrics, Projection};
 use k8shell_proto::provisioner::v1::provisioner_service_server::ProvisionerServiceServer;
-use k8shell_service::{AdminServer, Health, RunningService, Shutdown, connect_schema};
+use k8shell_service::{AdminServer, Health, RunningService, Shutdown};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -131,19 +131,16 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         health.register(component);
     }
 
-    let pool = connect_schema(&config.database_url, SCHEMA, 10)
-        .await
-        .context("failed to connect to postgres")?;
-    MIGRATOR
-        .run(&pool)
-        .await
-        .context("failed to run provisioner migrations")?;
-    let bus = Bus::connect(config.bus.clone(), bus_metrics)
-        .await
-        .context("failed to connect to nats")?;
-    bus.ensure_streams()
-        .await
-        .context("failed to set up event streams")?;
+    let (bus, pool) = k8shell_bus::components::connect_backbone(
+        NAME,
+        &config.bus,
+        bus_metrics,
+        &config.database_url,
+        SCHEMA,
+        10,
+        &MIGRATOR,
+    )
+    .await?;
 
     let tokens = Arc::new(
         WorkspaceTokens::load_or_create(&config.state_dir.join("workspace-signing-key.pem"))
@@ -199,31 +196,17 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         tasks.spawn(async move { Ok(admin.serve(shutdown).await?) });
     }
     {
-        let (reporter, health_service) = tonic_health::server::health_reporter();
-        reporter
-            .set_serving::<ProvisionerServiceServer<api::ProvisionerApi>>()
-            .await;
         let api = api::ProvisionerApi {
-            controller: controller.clone(),
+            controller,
             pool: pool.clone(),
         };
-        let shutdown = components.clone();
-        tasks.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(ProvisionerServiceServer::new(api))
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
-                    async move {
-                        shutdown.wait().await;
-                        reporter
-                            .set_not_serving::<ProvisionerServiceServer<api::ProvisionerApi>>()
-                            .await;
-                    },
-                )
-                .await
-                .context("grpc server failed")
-        });
+        k8shell_service::spawn_grpc_server(
+            &mut tasks,
+            grpc_listener,
+            tonic::service::Routes::new(ProvisionerServiceServer::new(api)),
+            <ProvisionerServiceServer<api::ProvisionerApi> as tonic::server::NamedService>::NAME,
+            components.clone(),
+        );
     }
     k8shell_bus::components::spawn_projection(
         &mut tasks,

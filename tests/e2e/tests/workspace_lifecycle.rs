@@ -101,16 +101,24 @@ impl Harness {
         last
     }
 
-    async fn events_until_settled(&mut self, id: &str) -> Vec<pb::WorkspaceProgress> {
-        let mut stream = self
-            .client
+    /// The workspace's progress stream.
+    async fn watch(
+        &mut self,
+        id: &str,
+        until_settled: bool,
+    ) -> tonic::Streaming<pb::WorkspaceProgress> {
+        self.client
             .watch_workspace(pb::WatchWorkspaceRequest {
                 id: id.into(),
-                until_settled: true,
+                until_settled,
             })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+    }
+
+    async fn events_until_settled(&mut self, id: &str) -> Vec<pb::WorkspaceProgress> {
+        let mut stream = self.watch(id, true).await;
         let mut events = Vec::new();
         let collect = async {
             while let Some(message) = stream.message().await.unwrap() {
@@ -125,15 +133,7 @@ impl Harness {
 
     /// Waits until `id` reaches `state`, following its events.
     async fn wait_for(&mut self, id: &str, state: pb::WorkspaceState) -> Vec<String> {
-        let mut stream = self
-            .client
-            .watch_workspace(pb::WatchWorkspaceRequest {
-                id: id.into(),
-                until_settled: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = self.watch(id, false).await;
         let mut seen = Vec::new();
         let wait = async {
             while let Some(message) = stream.message().await.unwrap() {
@@ -284,15 +284,7 @@ async fn a_killed_container_is_noticed_and_restarted() {
     let mut h = Harness::start().await;
     let ws = h.running("carol", "dev").await;
     // Follow the workspace from before the kill, so no step is missed.
-    let mut watch = h
-        .client
-        .watch_workspace(pb::WatchWorkspaceRequest {
-            id: ws.id.clone(),
-            until_settled: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = h.watch(&ws.id, false).await;
     let killed = podman(&["kill", &format!("{}-workspace", ws.id)]);
     assert!(killed.status.success());
     let mut seen = Vec::new();
@@ -329,15 +321,7 @@ async fn two_concurrent_starts_start_once_and_ensure_running_cold_starts() {
         .unwrap();
     h.wait_for(&ws.id, pb::WorkspaceState::Stopped).await;
 
-    let mut watch = h
-        .client
-        .watch_workspace(pb::WatchWorkspaceRequest {
-            id: ws.id.clone(),
-            until_settled: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = h.watch(&ws.id, false).await;
     let (mut c1, mut c2) = (h.client.clone(), h.client.clone());
     let request = || pb::StartWorkspaceRequest { id: ws.id.clone() };
     let (r1, r2) = tokio::join!(c1.start_workspace(request()), c2.start_workspace(request()));
