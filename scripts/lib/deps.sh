@@ -73,6 +73,23 @@ k8shell_deps() {
   k8shell_podman_env
 }
 
+# The test suite's OpenID Provider (npm `oidc-provider`, pinned by
+# tests/oidc-provider/package-lock.json). Node.js comes from Debian when the
+# machine has none; an existing node is kept.
+k8shell_test_node_deps() {
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    echo "k8shell: installing nodejs npm"
+    k8shell_as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive k8shell_as_root apt-get install -y -qq --no-install-recommends nodejs npm
+  fi
+  local dir="$K8SHELL_ROOT/tests/oidc-provider"
+  # npm ci again only when the lock file changed since the last install.
+  if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
+    echo "k8shell: installing the test OpenID Provider (npm ci)"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
+
 # k8shelld runs as PID 1 in images that may have no libc, so it is built
 # statically (glibc with crt-static; only the gnu target is available here).
 # Prints the binary's path.

@@ -4,6 +4,7 @@ use schemars::{Schema, SchemaGenerator};
 
 use crate::authz::AuthzDecided;
 use crate::shield::{ShieldIpBanned, ShieldIpUnbanned, SshAuthFailed};
+use crate::user::{UserApproved, UserIdentityLinked, UserWaitlisted};
 use crate::user::{
     UserCreated, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated, UserPatRevoked,
     UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
@@ -55,6 +56,9 @@ pub fn catalogue() -> Vec<EventTypeInfo> {
         entry::<UserPatCreated>("UserPatCreated"),
         entry::<UserPatRevoked>("UserPatRevoked"),
         entry::<UserSshCertificateIssued>("UserSshCertificateIssued"),
+        entry::<UserIdentityLinked>("UserIdentityLinked"),
+        entry::<UserWaitlisted>("UserWaitlisted"),
+        entry::<UserApproved>("UserApproved"),
         entry::<WorkspaceRequested>("WorkspaceRequested"),
         entry::<WorkspaceProvisioning>("WorkspaceProvisioning"),
         entry::<WorkspaceRunning>("WorkspaceRunning"),

@@ -1,5 +1,6 @@
 use serde::de::DeserializeOwned;
 
+use crate::user::{UserApproved, UserIdentityLinked, UserWaitlisted};
 use crate::user::{
     UserCreated, UserEvent, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated,
     UserPatRevoked, UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
@@ -90,6 +91,9 @@ impl DomainEvent {
             UserSshCertificateIssued::TYPE => {
                 DomainEvent::User(U::SshCertificateIssued(data(event)?))
             }
+            UserIdentityLinked::TYPE => DomainEvent::User(U::IdentityLinked(data(event)?)),
+            UserWaitlisted::TYPE => DomainEvent::User(U::Waitlisted(data(event)?)),
+            UserApproved::TYPE => DomainEvent::User(U::Approved(data(event)?)),
             other => DomainEvent::Unknown {
                 event_type: other.to_owned(),
             },

@@ -162,6 +162,43 @@ user_event!(
     "A short-lived SSH user certificate was issued."
 );
 
+/// A user was linked to an account at an external OpenID Provider; later
+/// logins through that provider must present the same subject.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UserIdentityLinked {
+    /// Provider name from identity's configuration.
+    pub provider: String,
+    /// The provider's `sub` claim.
+    pub subject: String,
+}
+user_event!(
+    UserIdentityLinked,
+    "identity_linked",
+    "A user was linked to an account at an OpenID Provider."
+);
+
+/// An onboarding rule put a new user on the waitlist: the account exists
+/// but cannot log in until an administrator approves it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UserWaitlisted {
+    /// Provider the user came from.
+    pub provider: String,
+}
+user_event!(
+    UserWaitlisted,
+    "waitlisted",
+    "A new user waits for an administrator's approval."
+);
+
+/// A waitlisted user was approved.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UserApproved {
+    /// Who approved (a username), empty when unknown.
+    #[serde(default)]
+    pub by: String,
+}
+user_event!(UserApproved, "approved", "A waitlisted user was approved.");
+
 /// Every user event this build understands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum UserEvent {
@@ -185,4 +222,10 @@ pub enum UserEvent {
     PatRevoked(UserPatRevoked),
     /// See [`UserSshCertificateIssued`].
     SshCertificateIssued(UserSshCertificateIssued),
+    /// See [`UserIdentityLinked`].
+    IdentityLinked(UserIdentityLinked),
+    /// See [`UserWaitlisted`].
+    Waitlisted(UserWaitlisted),
+    /// See [`UserApproved`].
+    Approved(UserApproved),
 }

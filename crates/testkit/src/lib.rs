@@ -13,6 +13,7 @@ use sqlx::PgPool;
 use tempfile::TempDir;
 
 mod exec;
+mod oidc;
 mod pki;
 mod platform;
 mod provisioner;
@@ -20,6 +21,7 @@ mod sftp;
 mod tokens;
 
 pub use exec::{ExecOutput, exec};
+pub use oidc::{Journey, OidcBrowser, TestOidcProvider};
 pub use pki::{TestPki, test_pki};
 pub use platform::TestPlatform;
 pub use provisioner::{TestProvisioner, containers_conf, repo_root};

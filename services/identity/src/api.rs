@@ -31,18 +31,21 @@ pub struct TokenPolicy {
     pub lockout: LockoutConfig,
 }
 
-/// Implements `k8shell.identity.v1.IdentityService`.
+/// Implements `k8shell.identity.v1.IdentityService`. Cheap to clone: the
+/// device login's background task holds a copy.
+#[derive(Clone)]
 pub struct IdentityApi {
     pub(crate) store: EventStore,
     pub(crate) pool: PgPool,
     pub(crate) keys: Arc<KeyRing>,
     pub(crate) ca: Arc<SshUserCa>,
     pub(crate) policy: TokenPolicy,
+    pub(crate) oidc: Arc<crate::oidc::OidcProviders>,
 }
 
 const BAD_LOGIN: &str = "invalid username or credentials";
 
-fn internal(context: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> Status {
+pub(crate) fn internal(context: &'static str) -> impl FnOnce(&dyn std::fmt::Display) -> Status {
     move |error| {
         tracing::error!(error = %error, "{context}");
         Status::internal(context)
@@ -56,7 +59,7 @@ fn timestamp_secs(secs: u64) -> prost_types::Timestamp {
     }
 }
 
-fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
+pub(crate) fn timestamp(t: time::OffsetDateTime) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.unix_timestamp(),
         nanos: t.nanosecond() as i32,
@@ -73,7 +76,7 @@ fn parse_rfc3339(value: &str) -> Option<time::OffsetDateTime> {
 }
 
 /// Usernames as the provisioner accepts them (they become workspace ids).
-fn valid_username(name: &str) -> bool {
+pub(crate) fn valid_username(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 32
         && name.starts_with(|c: char| c.is_ascii_lowercase())
@@ -83,7 +86,7 @@ fn valid_username(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
-fn user_id(username: &str) -> Result<AggregateId, Status> {
+pub(crate) fn user_id(username: &str) -> Result<AggregateId, Status> {
     if !valid_username(username) {
         return Err(Status::invalid_argument(format!(
             "invalid username {username:?}: use 1-32 lowercase letters, digits or '-', starting with a letter"
@@ -109,7 +112,7 @@ fn refusal(error: ExecuteError<Refusal>) -> Status {
     }
 }
 
-fn to_proto(user: &User) -> pb::User {
+pub(crate) fn to_proto(user: &User) -> pb::User {
     pb::User {
         username: user.username.clone(),
         email: user.email.clone(),
@@ -125,11 +128,13 @@ fn to_proto(user: &User) -> pb::User {
             .map(timestamp),
         created_at: Some(timestamp(user.created_at)),
         version: user.version,
+        waitlisted: user.waitlisted,
+        linked_providers: user.links.keys().cloned().collect(),
     }
 }
 
 impl IdentityApi {
-    async fn change<F>(&self, id: &AggregateId, decide: F) -> Result<User, Status>
+    pub(crate) async fn change<F>(&self, id: &AggregateId, decide: F) -> Result<User, Status>
     where
         F: FnMut(&UserAggregate) -> Result<(Vec<CloudEvent>, ()), Refusal>,
     {
@@ -142,7 +147,7 @@ impl IdentityApi {
             .ok_or_else(|| Status::internal("user missing after change"))
     }
 
-    async fn load(&self, username: &str) -> Result<Option<User>, Status> {
+    pub(crate) async fn load(&self, username: &str) -> Result<Option<User>, Status> {
         let Ok(id) = AggregateId::new(username.to_owned()) else {
             return Ok(None);
         };
@@ -158,7 +163,7 @@ impl IdentityApi {
         Ok(state.0)
     }
 
-    fn user_token(
+    pub(crate) fn user_token(
         &self,
         user: &User,
         amr: &str,
@@ -181,6 +186,12 @@ impl IdentityApi {
             expires_at: Some(timestamp_secs(claims.exp)),
             user: Some(to_proto(user)),
         })
+    }
+
+    /// Locked after failures, or still waiting for approval: no login by
+    /// any credential.
+    fn barred(user: &User) -> bool {
+        user.waitlisted || Self::locked(user)
     }
 
     fn locked(user: &User) -> bool {
@@ -303,7 +314,9 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let role = request.into_inner().role;
         let rows = sqlx::query(
-            "SELECT username, email, display_name, roles, origin, has_password, locked_until, created_at, version
+            "SELECT username, email, display_name, roles, origin, has_password, locked_until, created_at, version,
+                    waitlisted,
+                    ARRAY(SELECT provider FROM identity_links l WHERE l.username = users.username ORDER BY provider) AS linked
              FROM users WHERE ($1 = '' OR $1 = ANY(roles)) ORDER BY username",
         )
         .bind(&role)
@@ -325,6 +338,8 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
                     .map(timestamp),
                 created_at: Some(timestamp(row.get("created_at"))),
                 version: row.get::<i64, _>("version") as u64,
+                waitlisted: row.get("waitlisted"),
+                linked_providers: row.get("linked"),
             })
             .collect();
         Ok(Response::new(pb::ListUsersResponse { users }))
@@ -414,7 +429,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
             tracing::info!(source = %req.source, "password login for an unknown user");
             return Err(Status::unauthenticated(BAD_LOGIN));
         };
-        if Self::locked(&user) {
+        if Self::barred(&user) {
             tracing::info!(user = %user.username, source = %req.source, "login refused: account locked");
             return Err(Status::unauthenticated(BAD_LOGIN));
         }
@@ -441,7 +456,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
         let Some(user) = user else {
             return Err(Status::unauthenticated(BAD_LOGIN));
         };
-        if Self::locked(&user) {
+        if Self::barred(&user) {
             return Err(Status::unauthenticated(BAD_LOGIN));
         }
         let line = req.public_key.trim();
@@ -723,7 +738,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
         let pat = user.pats.get(token_id).ok_or_else(refused)?;
         let expired =
             parse_rfc3339(&pat.expires_at).is_none_or(|t| t <= time::OffsetDateTime::now_utc());
-        if pat.revoked || expired || Self::locked(&user) {
+        if pat.revoked || expired || Self::barred(&user) {
             return Err(refused());
         }
         sqlx::query("UPDATE pat_secrets SET last_used_at = now() WHERE id = $1")
@@ -765,5 +780,52 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
             token,
             expires_at: Some(timestamp_secs(issued.exp)),
         }))
+    }
+
+    async fn list_oidc_providers(
+        &self,
+        _request: Request<pb::ListOidcProvidersRequest>,
+    ) -> Result<Response<pb::ListOidcProvidersResponse>, Status> {
+        Ok(Response::new(self.list_oidc_providers()))
+    }
+
+    async fn begin_oidc_login(
+        &self,
+        request: Request<pb::BeginOidcLoginRequest>,
+    ) -> Result<Response<pb::BeginOidcLoginResponse>, Status> {
+        Ok(Response::new(
+            self.begin_oidc_login(request.into_inner()).await?,
+        ))
+    }
+
+    async fn complete_oidc_login(
+        &self,
+        request: Request<pb::CompleteOidcLoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        Ok(Response::new(
+            self.complete_oidc_login(request.into_inner()).await?,
+        ))
+    }
+
+    type OidcDeviceLoginStream = crate::oidc_login::DeviceLoginStream;
+
+    async fn oidc_device_login(
+        &self,
+        request: Request<pb::OidcDeviceLoginRequest>,
+    ) -> Result<Response<Self::OidcDeviceLoginStream>, Status> {
+        Ok(Response::new(
+            Arc::new(self.clone())
+                .oidc_device_login(request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn approve_user(
+        &self,
+        request: Request<pb::ApproveUserRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        Ok(Response::new(
+            self.approve_user(request.into_inner()).await?,
+        ))
     }
 }

@@ -13,6 +13,8 @@ pub mod credentials;
 mod http;
 pub mod kek;
 pub mod keyring;
+pub mod oidc;
+mod oidc_login;
 mod projection;
 pub mod sshca;
 mod users;
@@ -81,6 +83,11 @@ pub struct Config {
     pub pat_max_days: u32,
     /// Login lockout.
     pub lockout: LockoutConfig,
+    /// External OpenID Providers users may log in through.
+    pub oidc_providers: Vec<oidc::OidcProviderConfig>,
+    /// Timeout of each request to an OpenID Provider.
+    #[serde(with = "humantime_serde")]
+    pub oidc_timeout: Duration,
     /// Longest a stop waits for in-flight work.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -104,6 +111,8 @@ impl Default for Config {
             pat_default_days: 90,
             pat_max_days: 365,
             lockout: LockoutConfig::default(),
+            oidc_providers: Vec::new(),
+            oidc_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(3),
         }
     }
@@ -137,6 +146,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         &MIGRATOR,
     )
     .await?;
+    let oidc = Arc::new(
+        oidc::OidcProviders::from_config(&config.oidc_providers, config.oidc_timeout)
+            .context("invalid OIDC provider configuration")?,
+    );
     let kek = kek::Kek::load_or_create(&config.state_dir.join("kek"))
         .context("cannot load the key-encryption key")?;
     let ca = Arc::new(
@@ -206,6 +219,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
                 pat_max_days: config.pat_max_days,
                 lockout: config.lockout.clone(),
             },
+            oidc,
         };
         k8shell_service::spawn_grpc_server(
             &mut tasks,

@@ -119,6 +119,25 @@ impl Projection for UserProjection {
                         .execute(&mut *db)
                         .await?;
                 }
+                UserEvent::IdentityLinked(e) => {
+                    sqlx::query(
+                        "INSERT INTO identity_links (provider, subject, username, linked_at)
+                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&e.provider)
+                    .bind(&e.subject)
+                    .bind(username)
+                    .bind(at)
+                    .execute(&mut *db)
+                    .await?;
+                }
+                UserEvent::Waitlisted(_) | UserEvent::Approved(_) => {
+                    sqlx::query("UPDATE users SET waitlisted = $2 WHERE username = $1")
+                        .bind(username)
+                        .bind(matches!(event, UserEvent::Waitlisted(_)))
+                        .execute(&mut *db)
+                        .await?;
+                }
                 UserEvent::LoginFailed(_) | UserEvent::SshCertificateIssued(_) => {}
             }
             sqlx::query("UPDATE users SET version = $2 WHERE username = $1")
@@ -132,7 +151,7 @@ impl Projection for UserProjection {
 
     fn reset<'a>(&'a self, db: &'a mut PgConnection) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            sqlx::query("TRUNCATE users, ssh_keys, pats")
+            sqlx::query("TRUNCATE users, ssh_keys, pats, identity_links")
                 .execute(db)
                 .await?;
             Ok(())

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8shell_bus::{Aggregate, StoredEvent};
+use k8shell_events::user::{UserApproved, UserIdentityLinked, UserWaitlisted};
 use k8shell_events::user::{
     UserCreated, UserEvent, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated,
     UserPatRevoked, UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
@@ -32,6 +33,10 @@ pub struct User {
     /// fingerprint → public key line.
     pub keys: BTreeMap<String, String>,
     pub pats: BTreeMap<String, PatState>,
+    /// provider → subject at that OpenID Provider.
+    pub links: BTreeMap<String, String>,
+    /// Waiting for an administrator's approval; cannot log in.
+    pub waitlisted: bool,
     pub created_at: time::OffsetDateTime,
     pub version: u64,
 }
@@ -59,6 +64,8 @@ impl Aggregate for UserAggregate {
                     locked_until: None,
                     keys: BTreeMap::new(),
                     pats: BTreeMap::new(),
+                    links: BTreeMap::new(),
+                    waitlisted: false,
                     created_at: stored.envelope.time,
                     version: stored.sequence,
                 });
@@ -98,6 +105,11 @@ impl Aggregate for UserAggregate {
                     pat.revoked = true;
                 }
             }
+            UserEvent::IdentityLinked(e) => {
+                user.links.insert(e.provider, e.subject);
+            }
+            UserEvent::Waitlisted(_) => user.waitlisted = true,
+            UserEvent::Approved(_) => user.waitlisted = false,
             UserEvent::LoginFailed(_) | UserEvent::SshCertificateIssued(_) => {}
         }
         user.version = stored.sequence;
@@ -266,4 +278,47 @@ pub fn decide_certificate(
 ) -> Result<(Vec<CloudEvent>, ()), Refusal> {
     existing(state, id)?;
     Ok((vec![event(id, &issued)?], ()))
+}
+
+/// How a new user arriving from an OpenID Provider is onboarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Active at once.
+    Active,
+    /// Exists, but waits for approval.
+    Waitlisted,
+}
+
+/// Creates a user from an OpenID Provider's account, linked to its subject.
+pub fn decide_create_linked(
+    state: &UserAggregate,
+    id: &AggregateId,
+    created: UserCreated,
+    link: UserIdentityLinked,
+    admission: Admission,
+) -> Result<(Vec<CloudEvent>, ()), Refusal> {
+    if state.0.is_some() {
+        return Err(Refusal::Exists(format!("user {id} already exists")));
+    }
+    let provider = link.provider.clone();
+    let mut events = vec![event(id, &created)?, event(id, &link)?];
+    if admission == Admission::Waitlisted {
+        events.push(event(id, &UserWaitlisted { provider })?);
+    }
+    Ok((events, ()))
+}
+
+/// Approves a waitlisted user.
+pub fn decide_approve(
+    state: &UserAggregate,
+    id: &AggregateId,
+    by: &str,
+) -> Result<(Vec<CloudEvent>, ()), Refusal> {
+    let user = existing(state, id)?;
+    if !user.waitlisted {
+        return Err(Refusal::Missing(format!(
+            "user {id} is not waiting for approval"
+        )));
+    }
+    Ok((vec![event(id, &UserApproved { by: by.to_owned() })?], ()))
 }

@@ -10,10 +10,14 @@ use std::time::Duration;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use k8shell_identity::keyring::{Claims, KeyRing, TokenRequest};
+use k8shell_identity::oidc::{
+    ClaimMappingConfig, OidcProviderConfig, OnboardingAction, OnboardingRule,
+};
 use k8shell_proto::identity::v1 as pb;
 use k8shell_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use k8shell_service::Shutdown;
 use k8shell_testkit::TestInfra;
+use k8shell_testkit::{Journey, OidcBrowser, TestOidcProvider};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -27,6 +31,10 @@ struct Identity {
 }
 
 async fn start() -> Identity {
+    start_with(Vec::new()).await
+}
+
+async fn start_with(oidc_providers: Vec<OidcProviderConfig>) -> Identity {
     let infra = TestInfra::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -46,6 +54,7 @@ async fn start() -> Identity {
             window: Duration::from_secs(60),
             lock_for: Duration::from_secs(60),
         },
+        oidc_providers,
         ..Default::default()
     };
     let shutdown = Shutdown::new();
@@ -689,4 +698,301 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
     let none_header = "eyJhbGciOiJub25lIiwia2lkIjoieCJ9";
     parts[0] = none_header;
     assert!(ring.verify(&parts.join("."), "k8shell").is_err());
+}
+
+/// Where the test provider sends browsers back to; nothing listens there:
+/// the scripted browser stops at the redirect, as the apiserver's callback
+/// page would take over.
+const REDIRECT_URI: &str = "http://127.0.0.1:9/oidc/callback";
+
+fn corp(provider: &TestOidcProvider) -> OidcProviderConfig {
+    let rule = |username: &str, action| OnboardingRule {
+        username: username.to_owned(),
+        action,
+    };
+    OidcProviderConfig {
+        name: "corp".into(),
+        display_name: "Corp SSO".into(),
+        issuer: provider.issuer.clone(),
+        client_id: provider.client_id.clone(),
+        client_secret: provider.client_secret.clone(),
+        client_secret_file: None,
+        redirect_uri: provider.redirect_uri.clone(),
+        scopes: ["openid", "email", "profile", "groups"]
+            .map(String::from)
+            .to_vec(),
+        claims: ClaimMappingConfig {
+            roles: "'k8shell-admins' in claims.groups ? ['admin'] : []".into(),
+            ..Default::default()
+        },
+        onboarding: vec![
+            rule("mallory*", OnboardingAction::Reject),
+            rule("wait-*", OnboardingAction::Waitlist),
+            rule("*", OnboardingAction::Allow),
+        ],
+    }
+}
+
+/// A browser login through `corp` as `login`: begin, the provider's pages,
+/// and the `code` + `state` the redirect brings back.
+async fn browser_login(identity: &mut Identity, login: &str) -> (String, String) {
+    let begun = identity
+        .client
+        .begin_oidc_login(pb::BeginOidcLoginRequest {
+            provider: "corp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        begun
+            .authorization_url
+            .contains("code_challenge_method=S256")
+    );
+    let mut browser = OidcBrowser::new(login).unwrap();
+    let Journey::Redirected(back) = browser
+        .run(&begun.authorization_url, REDIRECT_URI, None)
+        .await
+        .unwrap()
+    else {
+        panic!("no redirect back");
+    };
+    let back = url::Url::parse(&back).unwrap();
+    let param = |name: &str| {
+        back.query_pairs()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    assert_eq!(param("state"), begun.state);
+    (param("code"), param("state"))
+}
+
+async fn complete(
+    identity: &mut Identity,
+    code: &str,
+    state: &str,
+) -> Result<pb::LoginResponse, tonic::Status> {
+    identity
+        .client
+        .complete_oidc_login(pb::CompleteOidcLoginRequest {
+            state: state.into(),
+            code: code.into(),
+            source: "192.0.2.9".into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn oidc_code_flow_with_pkce_links_maps_and_onboards() {
+    let provider = TestOidcProvider::start(REDIRECT_URI).await.unwrap();
+    let mut identity = start_with(vec![corp(&provider)]).await;
+
+    let providers = identity
+        .client
+        .list_oidc_providers(pb::ListOidcProvidersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .providers;
+    assert_eq!(providers.len(), 1);
+    assert_eq!(providers[0].display_name, "Corp SSO");
+    assert!(providers[0].browser_login);
+
+    // First login creates the user from the mapped claims.
+    let (code, state) = browser_login(&mut identity, "alice").await;
+    let login = complete(&mut identity, &code, &state).await.unwrap();
+    let claims = verify(&identity, &login.token, "k8shell").await.unwrap();
+    assert_eq!(claims.sub, "alice");
+    assert_eq!(claims.amr, vec!["oidc".to_owned()]);
+    let user = login.user.unwrap();
+    assert_eq!(user.origin, "oidc:corp");
+    assert_eq!(user.email, "alice@example.test");
+    assert_eq!(user.display_name, "User alice");
+    assert_eq!(user.linked_providers, vec!["corp".to_owned()]);
+    assert!(user.roles.is_empty());
+
+    // A state completes once: the replayed redirect is refused.
+    let replay = complete(&mut identity, &code, &state).await.unwrap_err();
+    assert_eq!(replay.code(), Code::FailedPrecondition, "{replay:?}");
+
+    // The second login finds the linked user.
+    let (code, state) = browser_login(&mut identity, "alice").await;
+    let again = complete(&mut identity, &code, &state).await.unwrap();
+    assert_eq!(again.user.unwrap().version, user.version);
+
+    // Roles come from the groups claim.
+    let (code, state) = browser_login(&mut identity, "admin-bob").await;
+    let admin = complete(&mut identity, &code, &state).await.unwrap();
+    assert_eq!(admin.user.unwrap().roles, vec!["admin".to_owned()]);
+
+    // Onboarding: rejected names never get an account.
+    let (code, state) = browser_login(&mut identity, "mallory").await;
+    let rejected = complete(&mut identity, &code, &state).await.unwrap_err();
+    assert_eq!(rejected.code(), Code::PermissionDenied, "{rejected:?}");
+    let missing = identity
+        .client
+        .get_user(pb::GetUserRequest {
+            username: "mallory".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    // Waitlisted names get an account that cannot log in until approved.
+    let (code, state) = browser_login(&mut identity, "wait-carl").await;
+    let waiting = complete(&mut identity, &code, &state).await.unwrap_err();
+    assert_eq!(waiting.code(), Code::PermissionDenied);
+    assert!(waiting.message().contains("approval"), "{waiting:?}");
+    let listed = identity
+        .client
+        .get_user(pb::GetUserRequest {
+            username: "wait-carl".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.waitlisted);
+    identity
+        .client
+        .approve_user(pb::ApproveUserRequest {
+            username: "wait-carl".into(),
+            approved_by: "admin".into(),
+        })
+        .await
+        .unwrap();
+    let (code, state) = browser_login(&mut identity, "wait-carl").await;
+    complete(&mut identity, &code, &state).await.unwrap();
+
+    // A local user of the same name is not taken over.
+    create(&mut identity, "erin", "correct horse battery", &[]).await;
+    let (code, state) = browser_login(&mut identity, "erin").await;
+    let taken = complete(&mut identity, &code, &state).await.unwrap_err();
+    assert_eq!(taken.code(), Code::PermissionDenied);
+    assert!(taken.message().contains("not linked"), "{taken:?}");
+
+    // Bad input: unknown provider, unknown state, a provider's refusal, a
+    // forged code.
+    let unknown = identity
+        .client
+        .begin_oidc_login(pb::BeginOidcLoginRequest {
+            provider: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let forged_state = complete(&mut identity, "x", "not-a-state")
+        .await
+        .unwrap_err();
+    assert_eq!(forged_state.code(), Code::FailedPrecondition);
+    let begun = identity
+        .client
+        .begin_oidc_login(pb::BeginOidcLoginRequest {
+            provider: "corp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let denied = identity
+        .client
+        .complete_oidc_login(pb::CompleteOidcLoginRequest {
+            state: begun.state,
+            error: "access_denied".into(),
+            error_description: "the user said no".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains("access_denied"));
+    let begun = identity
+        .client
+        .begin_oidc_login(pb::BeginOidcLoginRequest {
+            provider: "corp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let forged = complete(&mut identity, "forged-code", &begun.state)
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::Unauthenticated, "{forged:?}");
+    identity.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn oidc_device_flow_logs_in_the_cli() {
+    let provider = TestOidcProvider::start(REDIRECT_URI).await.unwrap();
+    let mut identity = start_with(vec![corp(&provider)]).await;
+    let mut updates = identity
+        .client
+        .oidc_device_login(pb::OidcDeviceLoginRequest {
+            provider: "corp".into(),
+            source: "192.0.2.10".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(pb::oidc_device_login_update::Update::Prompt(prompt)) =
+        updates.message().await.unwrap().unwrap().update
+    else {
+        panic!("the first update is the prompt");
+    };
+    assert!(prompt.verification_uri.starts_with(&provider.issuer));
+    assert!(!prompt.user_code.is_empty());
+    // The user, at a browser elsewhere, types the code and logs in.
+    let mut browser = OidcBrowser::new("dave").unwrap();
+    let journey = browser
+        .run(
+            &prompt.verification_uri,
+            REDIRECT_URI,
+            Some(&prompt.user_code),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(journey, Journey::DeviceApproved), "{journey:?}");
+    let completed = tokio::time::timeout(Duration::from_secs(30), updates.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(pb::oidc_device_login_update::Update::Completed(login)) = completed.update else {
+        panic!("the last update carries the token");
+    };
+    let claims = verify(&identity, &login.token, "k8shell").await.unwrap();
+    assert_eq!(claims.sub, "dave");
+    assert_eq!(login.user.unwrap().origin, "oidc:corp");
+
+    // An abandoned device login ends with the call; a wrong user code at
+    // the provider does not log anyone in.
+    let mut abandoned = identity
+        .client
+        .oidc_device_login(pb::OidcDeviceLoginRequest {
+            provider: "corp".into(),
+            source: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(abandoned.message().await.unwrap().is_some());
+    let mut wrong = OidcBrowser::new("eve").unwrap();
+    let error = wrong
+        .run(&prompt.verification_uri, REDIRECT_URI, Some("WRONG-CODE"))
+        .await;
+    assert!(error.is_err(), "{error:?}");
+    drop(abandoned);
+    let unknown = identity
+        .client
+        .oidc_device_login(pb::OidcDeviceLoginRequest {
+            provider: "nope".into(),
+            source: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    identity.shutdown.trigger();
 }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cel_interpreter::{Context, ExecutionError, Program};
+use k8shell_cel::json_to_cel;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer};
@@ -184,34 +185,6 @@ impl Evaluator {
         };
         serde_json::from_value(json.clone())
             .map_err(|e| error(format!("result {json} has the wrong type: {e}")))
-    }
-}
-
-/// JSON to CEL, with integers as CEL `int` (not `uint`, which is what a
-/// generic conversion makes of non-negative numbers, and which CEL refuses
-/// to add to the literal `1`).
-fn json_to_cel(value: &serde_json::Value) -> cel_interpreter::Value {
-    use cel_interpreter::Value as Cel;
-    match value {
-        serde_json::Value::Null => Cel::Null,
-        serde_json::Value::Bool(b) => Cel::Bool(*b),
-        serde_json::Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
-            (Some(i), _, _) => Cel::Int(i),
-            (None, Some(u), _) => Cel::UInt(u),
-            (_, _, Some(f)) => Cel::Float(f),
-            _ => Cel::Null,
-        },
-        serde_json::Value::String(s) => Cel::String(Arc::new(s.clone())),
-        serde_json::Value::Array(items) => {
-            Cel::List(Arc::new(items.iter().map(json_to_cel).collect()))
-        }
-        serde_json::Value::Object(map) => {
-            let map: std::collections::HashMap<String, Cel> = map
-                .iter()
-                .map(|(k, v)| (k.clone(), json_to_cel(v)))
-                .collect();
-            Cel::from(map)
-        }
     }
 }
 
