@@ -179,3 +179,94 @@ pub async fn decisions(runs: usize) -> anyhow::Result<Section> {
                 .to_owned(),
     })
 }
+
+/// The wasm engine. No `opa` compiler is available on the benchmark
+/// machines, so the default policies cannot be compiled to WebAssembly
+/// here; this measures the engine's own cost — instance pool, fuel
+/// metering, the JSON in and out of the module, the OPA ABI calls — with
+/// the hand-written ABI module of authz's tests, against the regorus floor.
+pub async fn wasm_decisions(runs: usize) -> anyhow::Result<Section> {
+    use k8shell_authz::wasm::{DEFAULT_ENTRYPOINT, WasmEngine, WasmPolicy};
+    use std::sync::Arc;
+
+    let module = wat::parse_str(include_str!(
+        "../../../services/authz/tests/wasm/opa_abi.wat"
+    ))?;
+    let engine = Arc::new(WasmEngine::new()?);
+    let policy = Arc::new(
+        WasmPolicy::load(
+            engine,
+            Path::new("opa_abi.wat"),
+            &module,
+            DEFAULT_ENTRYPOINT,
+            20_000_000,
+        )
+        .await?,
+    );
+    let floor = PolicySet::compile(
+        vec![(
+            PathBuf::from("floor.rego"),
+            "package k8shell.authz\ndecision := {\"allow\": true, \"reasons\": [], \"obligations\": {}}\n"
+                .to_owned(),
+        )],
+        Duration::from_millis(100),
+    )
+    .map_err(|e| anyhow::anyhow!(e.join("; ")))?;
+    let mut input = input();
+    input["subject"]["roles"] = serde_json::json!(["admin"]);
+    anyhow::ensure!(
+        policy.evaluate(&input).await?.allow,
+        "the input must be allowed"
+    );
+    for _ in 0..200 {
+        policy.evaluate(&input).await?;
+        floor.evaluate(&input)?;
+    }
+    let mut ours = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let started = Instant::now();
+        let _ = policy.evaluate(&input).await;
+        ours.push(started.elapsed());
+    }
+    ours.sort();
+    let baseline = time_each(runs, || {
+        let _ = floor.evaluate(&input);
+    });
+    let mut rows = Vec::new();
+    for mut row in percentile_rows(&ours, &baseline, ["", "≤ 100 µs"]) {
+        row[0] = format!("in-process evaluate (wasm), {}", row[0]);
+        rows.push(row);
+    }
+    let started = Instant::now();
+    let per_task = runs * 2;
+    let tasks: Vec<_> = (0..2)
+        .map(|_| {
+            let policy = Arc::clone(&policy);
+            let input = input.clone();
+            tokio::spawn(async move {
+                for _ in 0..per_task {
+                    let _ = policy.evaluate(&input).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    rows.push([
+        "in-process decisions/s (wasm), 2 tasks".to_owned(),
+        per_sec(rate(per_task * 2, started.elapsed())),
+        "—".to_owned(),
+        "—".to_owned(),
+        String::new(),
+    ]);
+    Ok(Section {
+        title: format!("Authz decisions, wasm engine (opa-wasm on wasmtime), {runs} in-process"),
+        rows,
+        note: "Module: the hand-written OPA ABI 1.2 module of authz's tests (scans the input \
+               for an admin role), since no `opa` compiler can be installed here to build the \
+               default policies; so this is the engine's overhead, not the default policies' \
+               cost. Baseline: the one-line Rego policy on regorus. Fuel budget 20 M."
+            .to_owned(),
+    })
+}

@@ -72,6 +72,7 @@ async fn main() -> anyhow::Result<()> {
     if runs("authz") {
         eprintln!("== authz decisions");
         authz_report.push(authz::decisions(if quick { 1_000 } else { 20_000 }).await?);
+        authz_report.push(authz::wasm_decisions(if quick { 1_000 } else { 20_000 }).await?);
     }
     let markdown = report.markdown(&machine);
     println!("{markdown}");

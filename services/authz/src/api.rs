@@ -7,7 +7,6 @@ use k8shell_proto::authz::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::decision_log::{DecisionLog, Entry};
-use crate::policy::PolicyCatalog;
 
 /// Largest request authz evaluates (the encoded input, bytes).
 pub const MAX_INPUT_BYTES: usize = 64 * 1024;
@@ -16,7 +15,8 @@ pub const MAX_BATCH: usize = 256;
 
 /// Implements `k8shell.authz.v1.AuthzService`.
 pub struct AuthzApi {
-    pub(crate) catalog: Arc<PolicyCatalog>,
+    pub(crate) decider: Arc<crate::engine::Decider>,
+    pub(crate) wasm_policy: std::path::PathBuf,
     pub(crate) log: DecisionLog,
 }
 
@@ -69,10 +69,10 @@ fn input(request: &pb::EvaluateRequest) -> Result<serde_json::Value, Status> {
 }
 
 impl AuthzApi {
-    fn decide(&self, request: &pb::EvaluateRequest) -> Result<pb::Decision, Status> {
+    async fn decide(&self, request: &pb::EvaluateRequest) -> Result<pb::Decision, Status> {
         let input = input(request)?;
         let started = Instant::now();
-        let outcome = match self.catalog.current().evaluate(&input) {
+        let outcome = match self.decider.decide(&input).await {
             Ok(outcome) => outcome,
             Err(error) => {
                 // A failing policy denies; the reason says why.
@@ -116,7 +116,7 @@ impl pb::authz_service_server::AuthzService for AuthzApi {
         &self,
         request: Request<pb::EvaluateRequest>,
     ) -> Result<Response<pb::Decision>, Status> {
-        Ok(Response::new(self.decide(request.get_ref())?))
+        Ok(Response::new(self.decide(request.get_ref()).await?))
     }
 
     async fn batch_evaluate(
@@ -130,10 +130,10 @@ impl pb::authz_service_server::AuthzService for AuthzApi {
                 requests.len()
             )));
         }
-        let decisions = requests
-            .iter()
-            .map(|r| self.decide(r))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut decisions = Vec::with_capacity(requests.len());
+        for request in requests {
+            decisions.push(self.decide(request).await?);
+        }
         Ok(Response::new(pb::BatchEvaluateResponse { decisions }))
     }
 
@@ -142,15 +142,9 @@ impl pb::authz_service_server::AuthzService for AuthzApi {
         _request: Request<pb::PolicyStatusRequest>,
     ) -> Result<Response<pb::PolicyStatusResponse>, Status> {
         Ok(Response::new(pb::PolicyStatusResponse {
-            files: self
-                .catalog
-                .current()
-                .files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect(),
-            errors: self.catalog.errors(),
-            engine: "rego".to_owned(),
+            files: self.decider.sources(&self.wasm_policy),
+            errors: self.decider.errors(),
+            engine: self.decider.name().to_owned(),
         }))
     }
 }

@@ -3,9 +3,11 @@
 
 mod api;
 mod decision_log;
+pub mod engine;
 pub mod policy;
 mod projection;
 pub mod shield;
+pub mod wasm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +57,17 @@ pub struct Config {
     pub fold_window: Duration,
     /// Run the SSH Shield (ban addresses after repeated SSH failures).
     pub shield: bool,
+    /// Which engine decides: `rego` (regorus over `policies_dir`) or
+    /// `wasm` (`wasm_policy`). The SSH Shield's policy is Rego either way.
+    pub engine: engine::EngineKind,
+    /// An OPA WebAssembly module (`.wasm`) or bundle (`.tar.gz`) from
+    /// `opa build -t wasm`, for the `wasm` engine (watched).
+    pub wasm_policy: PathBuf,
+    /// Its entrypoint for decisions.
+    pub wasm_entrypoint: String,
+    /// Fuel (roughly, WebAssembly instructions) one wasm evaluation may
+    /// burn before it is cut off and denies.
+    pub wasm_fuel: u64,
     /// Longest a stop waits for in-flight work.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -72,6 +85,10 @@ impl Default for Config {
             evaluation_limit: Duration::from_millis(100),
             fold_window: Duration::from_secs(10),
             shield: true,
+            engine: engine::EngineKind::Rego,
+            wasm_policy: PathBuf::new(),
+            wasm_entrypoint: wasm::DEFAULT_ENTRYPOINT.to_owned(),
+            wasm_fuel: 20_000_000,
             shutdown_grace: Duration::from_secs(3),
         }
     }
@@ -106,6 +123,25 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
             },
         )?,
     );
+    let decider = Arc::new(match config.engine {
+        engine::EngineKind::Rego => engine::Decider::Rego(Arc::clone(&catalog)),
+        engine::EngineKind::Wasm => {
+            anyhow::ensure!(
+                !config.wasm_policy.as_os_str().is_empty(),
+                "engine = \"wasm\" needs wasm_policy (a module or bundle from `opa build -t wasm`)"
+            );
+            let wasm_engine = Arc::new(wasm::WasmEngine::new()?);
+            engine::Decider::Wasm(Arc::new(
+                wasm::WasmCatalog::open(
+                    wasm_engine,
+                    &config.wasm_policy,
+                    &config.wasm_entrypoint,
+                    config.wasm_fuel,
+                )
+                .await?,
+            ))
+        }
+    });
     let (bus, pool) = k8shell_bus::components::connect_backbone(
         NAME,
         &config.bus,
@@ -130,7 +166,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     let (log, log_task) = decision_log::DecisionLog::start(
         bus.event_store(),
         config.fold_window,
-        "rego",
+        decider.name(),
         components.token(),
     );
     tasks.spawn(async move { Ok(log_task.await?) });
@@ -140,7 +176,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     }
     {
         let api = api::AuthzApi {
-            catalog: Arc::clone(&catalog),
+            decider: Arc::clone(&decider),
+            wasm_policy: config.wasm_policy.clone(),
             log,
         };
         k8shell_service::spawn_grpc_server(
@@ -153,6 +190,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     }
     {
         let catalog = Arc::clone(&catalog);
+        let decider = Arc::clone(&decider);
         let shutdown = components.clone();
         let interval = config.reload_interval;
         tasks.spawn(async move {
@@ -161,8 +199,11 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
                     _ = shutdown.wait() => return Ok(()),
                     _ = tokio::time::sleep(interval) => {}
                 }
-                let catalog = Arc::clone(&catalog);
-                tokio::task::spawn_blocking(move || catalog.reload()).await?;
+                let rego = Arc::clone(&catalog);
+                tokio::task::spawn_blocking(move || rego.reload()).await?;
+                if let engine::Decider::Wasm(_) = decider.as_ref() {
+                    decider.reload().await?;
+                }
             }
         });
     }

@@ -253,3 +253,136 @@ async fn decisions_obligations_bad_input_and_the_folded_log() {
     shutdown.trigger();
     let _ = tokio::time::timeout(Duration::from_secs(10), running.task).await;
 }
+
+/// The wasm engine behind the same API: decisions from an OPA-ABI module
+/// (hand-written, assembled here), hot reload of the module file, and a
+/// broken module keeping the last good one.
+#[tokio::test]
+async fn the_wasm_engine_serves_the_same_api() {
+    let infra = TestInfra::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("policy.wasm");
+    let source = include_str!("wasm/opa_abi.wat");
+    std::fs::write(&module, wat::parse_str(source).unwrap()).unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    let shutdown = Shutdown::new();
+    let running = k8shell_authz::start(
+        k8shell_authz::Config {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            bus: infra.bus_config(),
+            database_url: infra.postgres.url().to_owned(),
+            policies_dir: repo,
+            reload_interval: Duration::from_millis(100),
+            engine: k8shell_authz::engine::EngineKind::Wasm,
+            wasm_policy: module.clone(),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let address = running.listener("grpc").unwrap();
+    let mut client = AuthzServiceClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let status = client
+        .policy_status(pb::PolicyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.engine, "wasm");
+    let admin = client
+        .evaluate(request(
+            subject("root", &["admin"], &[]),
+            "ssh:shell",
+            workspace("bob"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(admin.allow);
+    assert_eq!(
+        admin.obligations.get("record").map(String::as_str),
+        Some("true")
+    );
+    let user = client
+        .evaluate(request(
+            subject("alice", &[], &[]),
+            "ssh:shell",
+            workspace("bob"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!user.allow);
+
+    // A broken module is reported and the last good one keeps deciding.
+    std::fs::write(&module, b"\0asm broken").unwrap();
+    let mut errors = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        errors = client
+            .policy_status(pb::PolicyStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .errors;
+        if !errors.is_empty() {
+            break;
+        }
+    }
+    assert!(errors[0].contains("policy.wasm"), "{errors:?}");
+    let still = client
+        .evaluate(request(
+            subject("root", &["admin"], &[]),
+            "ssh:shell",
+            workspace("bob"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(still.allow);
+
+    // A fixed module takes over.
+    let fixed = source.replace("only admins (wasm test policy)", "only admins (fixed)");
+    std::fs::write(&module, wat::parse_str(fixed).unwrap()).unwrap();
+    let mut reasons = Vec::new();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        reasons = client
+            .evaluate(request(
+                subject("alice", &[], &[]),
+                "ssh:shell",
+                workspace("bob"),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .reasons;
+        if reasons == ["only admins (fixed)"] {
+            break;
+        }
+    }
+    assert_eq!(reasons, vec!["only admins (fixed)".to_owned()]);
+
+    // Misconfiguration stops start-up with a clear message.
+    let missing = k8shell_authz::start(
+        k8shell_authz::Config {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            bus: infra.bus_config(),
+            database_url: infra.postgres.url().to_owned(),
+            policies_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies"),
+            engine: k8shell_authz::engine::EngineKind::Wasm,
+            ..Default::default()
+        },
+        Shutdown::new(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(missing.to_string().contains("wasm_policy"), "{missing}");
+    shutdown.trigger();
+    running.task.await.unwrap().unwrap();
+}
