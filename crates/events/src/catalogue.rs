@@ -4,7 +4,9 @@ use schemars::{Schema, SchemaGenerator};
 
 use crate::authz::AuthzDecided;
 use crate::shield::{ShieldIpBanned, ShieldIpUnbanned, SshAuthFailed};
-use crate::user::{UserApproved, UserIdentityLinked, UserWaitlisted};
+use crate::user::{
+    OrgCreated, UserApproved, UserIdentityLinked, UserOrganizationSet, UserWaitlisted,
+};
 use crate::user::{
     UserCreated, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated, UserPatRevoked,
     UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
@@ -59,6 +61,8 @@ pub fn catalogue() -> Vec<EventTypeInfo> {
         entry::<UserIdentityLinked>("UserIdentityLinked"),
         entry::<UserWaitlisted>("UserWaitlisted"),
         entry::<UserApproved>("UserApproved"),
+        entry::<UserOrganizationSet>("UserOrganizationSet"),
+        entry::<OrgCreated>("OrgCreated"),
         entry::<WorkspaceRequested>("WorkspaceRequested"),
         entry::<WorkspaceProvisioning>("WorkspaceProvisioning"),
         entry::<WorkspaceRunning>("WorkspaceRunning"),

@@ -1,6 +1,8 @@
 use serde::de::DeserializeOwned;
 
-use crate::user::{UserApproved, UserIdentityLinked, UserWaitlisted};
+use crate::user::{
+    OrgCreated, UserApproved, UserIdentityLinked, UserOrganizationSet, UserWaitlisted,
+};
 use crate::user::{
     UserCreated, UserEvent, UserLocked, UserLoginFailed, UserPasswordSet, UserPatCreated,
     UserPatRevoked, UserRolesSet, UserSshCertificateIssued, UserSshKeyAdded, UserSshKeyRemoved,
@@ -94,6 +96,8 @@ impl DomainEvent {
             UserIdentityLinked::TYPE => DomainEvent::User(U::IdentityLinked(data(event)?)),
             UserWaitlisted::TYPE => DomainEvent::User(U::Waitlisted(data(event)?)),
             UserApproved::TYPE => DomainEvent::User(U::Approved(data(event)?)),
+            UserOrganizationSet::TYPE => DomainEvent::User(U::OrganizationSet(data(event)?)),
+            OrgCreated::TYPE => DomainEvent::User(U::OrgCreated(data(event)?)),
             other => DomainEvent::Unknown {
                 event_type: other.to_owned(),
             },

@@ -34,6 +34,9 @@ pub struct UserCreated {
     pub roles: Vec<String>,
     /// `local`, `bootstrap` or `oidc:<provider>`.
     pub origin: String,
+    /// The organisation the user belongs to; empty means `default`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub organization: String,
 }
 user_event!(UserCreated, "created", "A user account was created.");
 
@@ -199,6 +202,31 @@ pub struct UserApproved {
 }
 user_event!(UserApproved, "approved", "A waitlisted user was approved.");
 
+/// A user moved to another organisation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct UserOrganizationSet {
+    /// The organisation's name.
+    pub organization: String,
+}
+user_event!(
+    UserOrganizationSet,
+    "organization_set",
+    "A user moved to another organisation."
+);
+
+/// An organisation was created. Organisations live in the user context
+/// with aggregate ids `org_<name>`, which no username can take (usernames
+/// have no `_`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OrgCreated {
+    /// The organisation's name.
+    pub name: String,
+    /// What it is.
+    #[serde(default)]
+    pub description: String,
+}
+user_event!(OrgCreated, "org_created", "An organisation was created.");
+
 /// Every user event this build understands.
 #[derive(Clone, Debug, PartialEq)]
 pub enum UserEvent {
@@ -228,4 +256,8 @@ pub enum UserEvent {
     Waitlisted(UserWaitlisted),
     /// See [`UserApproved`].
     Approved(UserApproved),
+    /// See [`UserOrganizationSet`].
+    OrganizationSet(UserOrganizationSet),
+    /// See [`OrgCreated`].
+    OrgCreated(OrgCreated),
 }

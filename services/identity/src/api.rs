@@ -130,6 +130,7 @@ pub(crate) fn to_proto(user: &User) -> pb::User {
         version: user.version,
         waitlisted: user.waitlisted,
         linked_providers: user.links.keys().cloned().collect(),
+        organization: user.organization.clone(),
     }
 }
 
@@ -178,6 +179,7 @@ impl IdentityApi {
                 roles: &user.roles,
                 scopes,
                 amr: &[amr],
+                org: &user.organization,
                 ttl: self.policy.user_token_ttl,
             })
             .map_err(|e| internal("cannot sign a token")(&e))?;
@@ -186,6 +188,31 @@ impl IdentityApi {
             expires_at: Some(timestamp_secs(claims.exp)),
             user: Some(to_proto(user)),
         })
+    }
+
+    /// The organisation named, checked to exist; empty is `default`.
+    pub(crate) async fn existing_org(&self, name: &str) -> Result<String, Status> {
+        if name.is_empty() || name == crate::orgs::DEFAULT_ORG {
+            return Ok(crate::orgs::DEFAULT_ORG.to_owned());
+        }
+        let id = crate::orgs::org_id(name).ok_or_else(|| {
+            Status::invalid_argument(format!("invalid organisation name {name:?}"))
+        })?;
+        let loaded = self
+            .store
+            .load(k8shell_events::Context::User, &id)
+            .await
+            .map_err(|_| Status::unavailable("event bus unavailable; retry"))?;
+        let mut state = crate::orgs::OrgAggregate::default();
+        for event in &loaded.events {
+            k8shell_bus::Aggregate::apply(&mut state, event);
+        }
+        match state.0 {
+            Some(org) => Ok(org.name),
+            None => Err(Status::failed_precondition(format!(
+                "organisation {name} does not exist"
+            ))),
+        }
     }
 
     /// Locked after failures, or still waiting for approval: no login by
@@ -262,6 +289,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
     ) -> Result<Response<pb::User>, Status> {
         let req = request.into_inner();
         let id = user_id(&req.username)?;
+        let organization = self.existing_org(&req.organization).await?;
         let with_password = !req.password.is_empty();
         if with_password {
             let hash = credentials::hash_password(&req.password)
@@ -283,6 +311,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
             display_name: req.display_name,
             roles: req.roles,
             origin: "local".to_owned(),
+            organization,
         };
         let user = self
             .change(&id, |state| {
@@ -315,7 +344,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
         let role = request.into_inner().role;
         let rows = sqlx::query(
             "SELECT username, email, display_name, roles, origin, has_password, locked_until, created_at, version,
-                    waitlisted,
+                    waitlisted, organization,
                     ARRAY(SELECT provider FROM identity_links l WHERE l.username = users.username ORDER BY provider) AS linked
              FROM users WHERE ($1 = '' OR $1 = ANY(roles)) ORDER BY username",
         )
@@ -340,6 +369,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
                 version: row.get::<i64, _>("version") as u64,
                 waitlisted: row.get("waitlisted"),
                 linked_providers: row.get("linked"),
+                organization: row.get("organization"),
             })
             .collect();
         Ok(Response::new(pb::ListUsersResponse { users }))
@@ -773,6 +803,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
                 roles: &claims.roles,
                 scopes: &claims.scopes,
                 amr: &claims.amr.iter().map(String::as_str).collect::<Vec<_>>(),
+                org: &claims.org,
                 ttl: self.policy.workspace_token_ttl,
             })
             .map_err(|e| internal("cannot sign a token")(&e))?;
@@ -827,5 +858,77 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
         Ok(Response::new(
             self.approve_user(request.into_inner()).await?,
         ))
+    }
+
+    async fn create_org(
+        &self,
+        request: Request<pb::CreateOrgRequest>,
+    ) -> Result<Response<pb::Org>, Status> {
+        let req = request.into_inner();
+        if req.name == crate::orgs::DEFAULT_ORG {
+            return Err(Status::already_exists("organisation default always exists"));
+        }
+        let id = crate::orgs::org_id(&req.name).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "invalid organisation name {:?}: lowercase letters, digits and '-', starting with a letter, at most 32",
+                req.name
+            ))
+        })?;
+        let created = k8shell_events::user::OrgCreated {
+            name: req.name.clone(),
+            description: req.description,
+        };
+        let executed = execute::<crate::orgs::OrgAggregate, _, _, _>(&self.store, &id, |state| {
+            crate::orgs::decide_create(state, &id, created.clone())
+        })
+        .await
+        .map_err(refusal)?;
+        let org = executed
+            .state
+            .0
+            .ok_or_else(|| Status::internal("organisation missing after creation"))?;
+        tracing::info!(org = %org.name, "organisation created");
+        Ok(Response::new(pb::Org {
+            name: org.name,
+            description: org.description,
+            created_at: Some(timestamp(org.created_at)),
+        }))
+    }
+
+    async fn list_orgs(
+        &self,
+        _request: Request<pb::ListOrgsRequest>,
+    ) -> Result<Response<pb::ListOrgsResponse>, Status> {
+        let rows: Vec<(String, String, time::OffsetDateTime)> =
+            sqlx::query_as("SELECT name, description, created_at FROM orgs ORDER BY name")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| internal("cannot list organisations")(&e))?;
+        let mut orgs = vec![pb::Org {
+            name: crate::orgs::DEFAULT_ORG.to_owned(),
+            description: "every user not placed elsewhere".to_owned(),
+            created_at: None,
+        }];
+        orgs.extend(rows.into_iter().map(|(name, description, at)| pb::Org {
+            name,
+            description,
+            created_at: Some(timestamp(at)),
+        }));
+        Ok(Response::new(pb::ListOrgsResponse { orgs }))
+    }
+
+    async fn set_user_organization(
+        &self,
+        request: Request<pb::SetUserOrganizationRequest>,
+    ) -> Result<Response<pb::User>, Status> {
+        let req = request.into_inner();
+        let id = user_id(&req.username)?;
+        let organization = self.existing_org(&req.organization).await?;
+        let user = self
+            .change(&id, |state| {
+                users::decide_organization(state, &id, &organization)
+            })
+            .await?;
+        Ok(Response::new(to_proto(&user)))
     }
 }

@@ -45,6 +45,9 @@ pub struct Claims {
     /// How the user authenticated: `pwd`, `publickey`, `pat`, `oidc`.
     #[serde(default)]
     pub amr: Vec<String>,
+    /// The user's organisation.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub org: String,
 }
 
 /// What to put in a token.
@@ -62,6 +65,8 @@ pub struct TokenRequest<'a> {
     pub scopes: &'a [String],
     /// Authentication methods.
     pub amr: &'a [&'a str],
+    /// Organisation (empty: none).
+    pub org: &'a str,
     /// Lifetime.
     pub ttl: Duration,
 }
@@ -267,6 +272,7 @@ impl KeyRing {
             roles,
             scopes,
             amr,
+            org,
             ttl,
         } = *request;
         let ring = self.ring.read().map_err(|_| KeyError::NoKey)?;
@@ -289,6 +295,7 @@ impl KeyRing {
             roles: roles.to_vec(),
             scopes: scopes.to_vec(),
             amr: amr.iter().map(|s| (*s).to_owned()).collect(),
+            org: org.to_owned(),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(active.kid.clone());

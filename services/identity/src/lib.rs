@@ -15,6 +15,7 @@ pub mod kek;
 pub mod keyring;
 pub mod oidc;
 mod oidc_login;
+pub mod orgs;
 mod projection;
 pub mod sshca;
 mod users;

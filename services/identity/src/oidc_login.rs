@@ -294,6 +294,7 @@ impl IdentityApi {
             display_name: mapped.display_name.clone(),
             roles: mapped.roles.clone().unwrap_or_default(),
             origin: format!("oidc:{}", provider.name),
+            organization: String::new(),
         };
         let link = UserIdentityLinked {
             provider: provider.name.clone(),

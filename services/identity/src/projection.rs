@@ -43,8 +43,8 @@ impl Projection for UserProjection {
             match event {
                 UserEvent::Created(e) => {
                     sqlx::query(
-                        "INSERT INTO users (username, email, display_name, roles, origin, created_at, version)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (username) DO NOTHING",
+                        "INSERT INTO users (username, email, display_name, roles, origin, created_at, version, organization)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (username) DO NOTHING",
                     )
                     .bind(username)
                     .bind(&e.email)
@@ -53,6 +53,11 @@ impl Projection for UserProjection {
                     .bind(&e.origin)
                     .bind(at)
                     .bind(version)
+                    .bind(if e.organization.is_empty() {
+                        crate::orgs::DEFAULT_ORG
+                    } else {
+                        e.organization.as_str()
+                    })
                     .execute(&mut *db)
                     .await?;
                 }
@@ -138,6 +143,25 @@ impl Projection for UserProjection {
                         .execute(&mut *db)
                         .await?;
                 }
+                UserEvent::OrganizationSet(e) => {
+                    sqlx::query("UPDATE users SET organization = $2 WHERE username = $1")
+                        .bind(username)
+                        .bind(&e.organization)
+                        .execute(&mut *db)
+                        .await?;
+                }
+                UserEvent::OrgCreated(e) => {
+                    sqlx::query(
+                        "INSERT INTO orgs (name, description, created_at) VALUES ($1, $2, $3)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&e.name)
+                    .bind(&e.description)
+                    .bind(at)
+                    .execute(&mut *db)
+                    .await?;
+                    return Ok(());
+                }
                 UserEvent::LoginFailed(_) | UserEvent::SshCertificateIssued(_) => {}
             }
             sqlx::query("UPDATE users SET version = $2 WHERE username = $1")
@@ -151,7 +175,7 @@ impl Projection for UserProjection {
 
     fn reset<'a>(&'a self, db: &'a mut PgConnection) -> BoxFuture<'a, Result<(), sqlx::Error>> {
         Box::pin(async move {
-            sqlx::query("TRUNCATE users, ssh_keys, pats, identity_links")
+            sqlx::query("TRUNCATE users, ssh_keys, pats, identity_links, orgs")
                 .execute(db)
                 .await?;
             Ok(())

@@ -37,6 +37,8 @@ pub struct User {
     pub links: BTreeMap<String, String>,
     /// Waiting for an administrator's approval; cannot log in.
     pub waitlisted: bool,
+    /// The organisation the user belongs to.
+    pub organization: String,
     pub created_at: time::OffsetDateTime,
     pub version: u64,
 }
@@ -66,6 +68,11 @@ impl Aggregate for UserAggregate {
                     pats: BTreeMap::new(),
                     links: BTreeMap::new(),
                     waitlisted: false,
+                    organization: if created.organization.is_empty() {
+                        crate::orgs::DEFAULT_ORG.to_owned()
+                    } else {
+                        created.organization.clone()
+                    },
                     created_at: stored.envelope.time,
                     version: stored.sequence,
                 });
@@ -110,6 +117,8 @@ impl Aggregate for UserAggregate {
             }
             UserEvent::Waitlisted(_) => user.waitlisted = true,
             UserEvent::Approved(_) => user.waitlisted = false,
+            UserEvent::OrganizationSet(e) => user.organization = e.organization,
+            UserEvent::OrgCreated(_) => return,
             UserEvent::LoginFailed(_) | UserEvent::SshCertificateIssued(_) => {}
         }
         user.version = stored.sequence;
@@ -321,4 +330,22 @@ pub fn decide_approve(
         )));
     }
     Ok((vec![event(id, &UserApproved { by: by.to_owned() })?], ()))
+}
+
+/// Moves a user to another organisation (whose existence the caller checked).
+pub fn decide_organization(
+    state: &UserAggregate,
+    id: &AggregateId,
+    organization: &str,
+) -> Result<(Vec<CloudEvent>, ()), Refusal> {
+    existing(state, id)?;
+    Ok((
+        vec![event(
+            id,
+            &k8shell_events::user::UserOrganizationSet {
+                organization: organization.to_owned(),
+            },
+        )?],
+        (),
+    ))
 }

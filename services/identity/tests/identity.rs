@@ -645,6 +645,7 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
         roles: &[],
         scopes: &[],
         amr: &["pwd"],
+        org: "default",
         ttl: Duration::from_secs(60),
     };
     let (old, _) = ring.sign(&request).unwrap();
@@ -994,5 +995,119 @@ async fn oidc_device_flow_logs_in_the_cli() {
         .await
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
+    identity.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn organisations_hold_users_and_reach_tokens() {
+    let mut identity = start().await;
+    let created = identity
+        .client
+        .create_org(pb::CreateOrgRequest {
+            name: "acme".into(),
+            description: "Acme Corp".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.name, "acme");
+    let twice = identity
+        .client
+        .create_org(pb::CreateOrgRequest {
+            name: "acme".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::AlreadyExists);
+    for bad in ["Acme", "a_b", "", "default"] {
+        let status = identity
+            .client
+            .create_org(pb::CreateOrgRequest {
+                name: bad.into(),
+                description: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(status.code(), Code::InvalidArgument | Code::AlreadyExists),
+            "{bad}: {status:?}"
+        );
+    }
+    // A user in an organisation that does not exist is refused.
+    let missing = identity
+        .client
+        .create_user(pb::CreateUserRequest {
+            username: "gina".into(),
+            organization: "globex".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::FailedPrecondition);
+    identity
+        .client
+        .create_user(pb::CreateUserRequest {
+            username: "gina".into(),
+            password: "correct horse battery".into(),
+            organization: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let token = login(&mut identity, "gina", "correct horse battery")
+        .await
+        .unwrap();
+    let claims = verify(&identity, &token, "k8shell").await.unwrap();
+    assert_eq!(claims.org, "acme");
+    // Moving users; the default organisation needs no creating.
+    let moved = identity
+        .client
+        .set_user_organization(pb::SetUserOrganizationRequest {
+            username: "gina".into(),
+            organization: "default".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.organization, "default");
+    // The projection lists both, eventually.
+    let mut names = Vec::new();
+    for _ in 0..50 {
+        names = identity
+            .client
+            .list_orgs(pb::ListOrgsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .orgs
+            .into_iter()
+            .map(|o| o.name)
+            .collect::<Vec<_>>();
+        if names.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(names, vec!["default".to_owned(), "acme".to_owned()]);
+    let mut listed = String::new();
+    for _ in 0..50 {
+        listed = identity
+            .client
+            .list_users(pb::ListUsersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .users
+            .into_iter()
+            .find(|u| u.username == "gina")
+            .map(|u| u.organization)
+            .unwrap_or_default();
+        if listed == "default" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed, "default");
     identity.shutdown.trigger();
 }
