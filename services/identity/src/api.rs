@@ -860,6 +860,57 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
         ))
     }
 
+    async fn get_jwks(
+        &self,
+        _request: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        Ok(Response::new(pb::GetJwksResponse {
+            jwks: self.keys.jwks(),
+        }))
+    }
+
+    async fn issue_service_token(
+        &self,
+        request: Request<pb::IssueServiceTokenRequest>,
+    ) -> Result<Response<pb::IssueWorkspaceTokenResponse>, Status> {
+        let req = request.into_inner();
+        if req.service.is_empty()
+            || !req
+                .service
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(Status::invalid_argument(format!(
+                "invalid service name {:?}",
+                req.service
+            )));
+        }
+        if req.workspace_id.is_empty() || AggregateId::new(req.workspace_id.clone()).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "invalid workspace id {:?}",
+                req.workspace_id
+            )));
+        }
+        let subject = format!("system:{}", req.service);
+        let (token, issued) = self
+            .keys
+            .sign(&TokenRequest {
+                sub: &subject,
+                aud: &req.workspace_id,
+                kind: "workspace",
+                roles: &[],
+                scopes: &[],
+                amr: &["service"],
+                org: "",
+                ttl: self.policy.workspace_token_ttl,
+            })
+            .map_err(|e| internal("cannot sign a token")(&e))?;
+        Ok(Response::new(pb::IssueWorkspaceTokenResponse {
+            token,
+            expires_at: Some(timestamp_secs(issued.exp)),
+        }))
+    }
+
     async fn create_org(
         &self,
         request: Request<pb::CreateOrgRequest>,

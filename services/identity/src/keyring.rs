@@ -156,21 +156,26 @@ impl KeyRing {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext('identity.signing_keys'))")
             .execute(&mut *tx)
             .await?;
-        let newest: Option<(String, time::OffsetDateTime)> = sqlx::query_as(
-            "SELECT kid, created_at FROM signing_keys WHERE retired_at IS NULL
-             ORDER BY created_at DESC LIMIT 1",
+        let active: Option<(String, time::OffsetDateTime)> = sqlx::query_as(
+            "SELECT kid, activated_at FROM signing_keys
+             WHERE retired_at IS NULL AND activated_at IS NOT NULL
+             ORDER BY activated_at DESC LIMIT 1",
         )
         .fetch_optional(&mut *tx)
         .await?;
-        let due = match &newest {
+        let due = match &active {
             None => true,
-            Some((_, created)) => {
-                let age = time::OffsetDateTime::now_utc() - *created;
+            Some((_, activated)) => {
+                let age = time::OffsetDateTime::now_utc() - *activated;
                 age >= time::Duration::try_from(self.rotation).unwrap_or(time::Duration::MAX)
             }
         };
         if due {
             self.rotate_in(&mut tx).await?;
+        } else {
+            // A deployment from before keys were pre-published has no next
+            // key yet.
+            self.ensure_next(&mut tx).await?;
         }
         tx.commit().await?;
         self.reload().await
@@ -187,7 +192,45 @@ impl KeyRing {
         self.reload().await
     }
 
+    /// Retires the signer, promotes the published next key (or a fresh one
+    /// when there is none) and publishes a new next key.
     async fn rotate_in(&self, tx: &mut sqlx::PgConnection) -> Result<(), KeyError> {
+        let grace = i64::try_from(self.max_token_ttl.as_secs()).unwrap_or(i64::MAX / 2) + 60;
+        sqlx::query(
+            "UPDATE signing_keys SET retired_at = now(),
+                 expires_at = now() + make_interval(secs => $1)
+             WHERE retired_at IS NULL AND activated_at IS NOT NULL",
+        )
+        .bind(grace as f64)
+        .execute(&mut *tx)
+        .await?;
+        let promoted = sqlx::query(
+            "UPDATE signing_keys SET activated_at = now()
+             WHERE kid = (SELECT kid FROM signing_keys WHERE activated_at IS NULL
+                          ORDER BY created_at LIMIT 1)",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if promoted == 0 {
+            self.create_key(tx, true).await?;
+        }
+        self.create_key(tx, false).await
+    }
+
+    async fn ensure_next(&self, tx: &mut sqlx::PgConnection) -> Result<(), KeyError> {
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM signing_keys WHERE activated_at IS NULL")
+                .fetch_one(&mut *tx)
+                .await?;
+        if pending == 0 {
+            self.create_key(tx, false).await?;
+        }
+        Ok(())
+    }
+
+    /// A new key, signing now (`active`) or published as the next one.
+    async fn create_key(&self, tx: &mut sqlx::PgConnection, active: bool) -> Result<(), KeyError> {
         let secret = p256::SecretKey::generate();
         let pem = secret
             .to_pkcs8_pem(p256::pkcs8::LineEnding::LF)
@@ -198,28 +241,25 @@ impl KeyRing {
             Sha256::digest(serde_json::to_vec(&jwk).map_err(|e| KeyError::Key(e.to_string()))?);
         let kid: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         jwk.common.key_id = Some(kid.clone());
-        let grace = i64::try_from(self.max_token_ttl.as_secs()).unwrap_or(i64::MAX / 2) + 60;
         sqlx::query(
-            "UPDATE signing_keys SET retired_at = now(),
-                 expires_at = now() + make_interval(secs => $1)
-             WHERE retired_at IS NULL",
+            "INSERT INTO signing_keys (kid, private_key, public_jwk, activated_at)
+             VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END)",
         )
-        .bind(grace as f64)
+        .bind(&kid)
+        .bind(self.kek.seal(pem.as_bytes()))
+        .bind(serde_json::to_value(&jwk).map_err(|e| KeyError::Key(e.to_string()))?)
+        .bind(active)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO signing_keys (kid, private_key, public_jwk) VALUES ($1, $2, $3)")
-            .bind(&kid)
-            .bind(self.kek.seal(pem.as_bytes()))
-            .bind(serde_json::to_value(&jwk).map_err(|e| KeyError::Key(e.to_string()))?)
-            .execute(&mut *tx)
-            .await?;
-        tracing::info!(kid, "new signing key");
+        tracing::info!(kid, active, "new signing key");
         Ok(())
     }
 
     async fn reload(&self) -> Result<(), KeyError> {
         let rows = sqlx::query(
-            "SELECT kid, private_key, public_jwk, retired_at IS NULL AS active FROM signing_keys
+            "SELECT kid, private_key, public_jwk,
+                    retired_at IS NULL AND activated_at IS NOT NULL AS active
+             FROM signing_keys
              WHERE expires_at IS NULL OR expires_at > now()
              ORDER BY created_at DESC",
         )

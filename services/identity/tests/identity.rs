@@ -650,17 +650,28 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
     };
     let (old, _) = ring.sign(&request).unwrap();
     let old_kid = jsonwebtoken::decode_header(&old).unwrap().kid.unwrap();
+    // The key that signs after the rotation is published before it.
+    let before: JwkSet = serde_json::from_str(&ring.jwks()).unwrap();
+    assert_eq!(before.keys.len(), 2, "the signer and the next key");
     ring.rotate_now().await.unwrap();
     let (new, _) = ring.sign(&request).unwrap();
     let new_kid = jsonwebtoken::decode_header(&new).unwrap().kid.unwrap();
     assert_ne!(old_kid, new_kid, "a new key signs");
+    assert!(
+        before.find(&new_kid).is_some(),
+        "verifiers that cached the JWKS before the rotation know the new signer"
+    );
     assert!(
         ring.verify(&old, "k8shell").is_ok(),
         "the old key still verifies"
     );
     assert!(ring.verify(&new, "k8shell").is_ok());
     let jwks: JwkSet = serde_json::from_str(&ring.jwks()).unwrap();
-    assert_eq!(jwks.keys.len(), 2, "both published during the overlap");
+    assert_eq!(
+        jwks.keys.len(),
+        3,
+        "old and new published during the overlap, and the next one"
+    );
 
     // Another replica sees the same keys (they live in Postgres, sealed).
     let replica = KeyRing::open(
@@ -692,7 +703,7 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
     assert!(ring.verify(&old, "k8shell").is_err());
     assert!(ring.verify(&new, "k8shell").is_ok());
     let jwks: JwkSet = serde_json::from_str(&ring.jwks()).unwrap();
-    assert_eq!(jwks.keys.len(), 1);
+    assert_eq!(jwks.keys.len(), 2, "the signer and the next key");
     // Wrong audience, tampering and `alg: none` are refused.
     assert!(ring.verify(&new, "alice-1a7fd88").is_err());
     let mut parts: Vec<&str> = new.split('.').collect();
@@ -1109,5 +1120,52 @@ async fn organisations_hold_users_and_reach_tokens() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(listed, "default");
+    identity.shutdown.trigger();
+}
+
+#[tokio::test]
+async fn services_get_workspace_tokens_and_the_jwks_over_grpc() {
+    let mut identity = start().await;
+    let issued = identity
+        .client
+        .issue_service_token(pb::IssueServiceTokenRequest {
+            service: "provisioner".into(),
+            workspace_id: "alice-1a7fd88".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let claims = verify(&identity, &issued.token, "alice-1a7fd88")
+        .await
+        .unwrap();
+    assert_eq!(claims.sub, "system:provisioner");
+    assert_eq!(claims.kind, "workspace");
+    assert!(verify(&identity, &issued.token, "k8shell").await.is_err());
+    let jwks = identity
+        .client
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks;
+    let published: JwkSet = fetch_json(&format!("{}/.well-known/jwks.json", identity.http)).await;
+    let over_grpc: JwkSet = serde_json::from_str(&jwks).unwrap();
+    assert_eq!(over_grpc.keys.len(), published.keys.len());
+    for bad in [
+        ("", "alice-1"),
+        ("Prov", "alice-1"),
+        ("provisioner", "a.b"),
+        ("provisioner", ""),
+    ] {
+        let status = identity
+            .client
+            .issue_service_token(pb::IssueServiceTokenRequest {
+                service: bad.0.into(),
+                workspace_id: bad.1.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+    }
     identity.shutdown.trigger();
 }
