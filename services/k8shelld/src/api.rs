@@ -21,6 +21,9 @@ pub struct Api {
     pub(crate) account: crate::users::Account,
     pub(crate) sftp_server: std::path::PathBuf,
     pub(crate) logs: k8shell_telemetry::LogBuffer,
+    pub(crate) verifier: crate::auth::TokenVerifier,
+    /// Where updated keys are kept across restarts.
+    pub(crate) jwks_file: std::path::PathBuf,
 }
 
 fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
@@ -371,5 +374,32 @@ impl K8shelld for Api {
             open_sessions: sessions.len() as u32,
             attached_clients: sessions.iter().map(|s| s.info().attached_clients).sum(),
         }))
+    }
+
+    async fn update_jwks(
+        &self,
+        request: Request<pb::UpdateJwksRequest>,
+    ) -> Result<Response<pb::UpdateJwksResponse>, Status> {
+        let caller = caller(&request)?;
+        // A user holding a token for this workspace must not be able to
+        // make it trust keys of their own.
+        if !caller.subject.starts_with("system:") {
+            return Err(Status::permission_denied(
+                "only platform services may replace the trusted keys",
+            ));
+        }
+        let jwks = &request.get_ref().jwks;
+        let kids = self
+            .verifier
+            .replace(jwks)
+            .map_err(|e| Status::invalid_argument(format!("invalid jwks: {e}")))?;
+        if let Some(dir) = self.jwks_file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(error) = std::fs::write(&self.jwks_file, jwks) {
+            tracing::warn!(%error, path = %self.jwks_file.display(), "cannot keep the updated keys");
+        }
+        tracing::info!(by = %caller.subject, ?kids, "trusted keys updated");
+        Ok(Response::new(pb::UpdateJwksResponse { kids }))
     }
 }

@@ -45,7 +45,7 @@ struct Claims {
 /// Verifies tokens for one workspace.
 #[derive(Clone)]
 pub struct TokenVerifier {
-    keys: Arc<HashMap<String, DecodingKey>>,
+    keys: Arc<std::sync::RwLock<HashMap<String, DecodingKey>>>,
     validation: Arc<Validation>,
 }
 
@@ -57,21 +57,7 @@ impl TokenVerifier {
         workspace_id: &str,
         issuer: Option<&str>,
     ) -> Result<Self, JwksError> {
-        let set: JwkSet = serde_json::from_str(jwks_json)?;
-        let mut keys = HashMap::new();
-        for jwk in &set.keys {
-            let Some(kid) = jwk.common.key_id.clone() else {
-                continue;
-            };
-            let key = DecodingKey::from_jwk(jwk).map_err(|source| JwksError::Key {
-                kid: kid.clone(),
-                source,
-            })?;
-            keys.insert(kid, key);
-        }
-        if keys.is_empty() {
-            return Err(JwksError::Empty);
-        }
+        let keys = parse_jwks(jwks_json)?;
         // ES256 only: `alg: none`, HS256 and RS256 tokens fail here.
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_audience(&[workspace_id]);
@@ -81,11 +67,50 @@ impl TokenVerifier {
             validation.set_issuer(&[issuer]);
         }
         Ok(Self {
-            keys: Arc::new(keys),
+            keys: Arc::new(std::sync::RwLock::new(keys)),
             validation: Arc::new(validation),
         })
     }
 
+    /// Replaces the trusted keys; returns their ids.
+    pub fn replace(&self, jwks_json: &str) -> Result<Vec<String>, JwksError> {
+        let keys = parse_jwks(jwks_json)?;
+        let mut kids: Vec<String> = keys.keys().cloned().collect();
+        kids.sort();
+        if let Ok(mut current) = self.keys.write() {
+            *current = keys;
+        }
+        Ok(kids)
+    }
+
+    fn key(&self, kid: &str) -> Option<DecodingKey> {
+        self.keys
+            .read()
+            .ok()
+            .and_then(|keys| keys.get(kid).cloned())
+    }
+}
+
+fn parse_jwks(jwks_json: &str) -> Result<HashMap<String, DecodingKey>, JwksError> {
+    let set: JwkSet = serde_json::from_str(jwks_json)?;
+    let mut keys = HashMap::new();
+    for jwk in &set.keys {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        let key = DecodingKey::from_jwk(jwk).map_err(|source| JwksError::Key {
+            kid: kid.clone(),
+            source,
+        })?;
+        keys.insert(kid, key);
+    }
+    if keys.is_empty() {
+        return Err(JwksError::Empty);
+    }
+    Ok(keys)
+}
+
+impl TokenVerifier {
     /// Checks one token.
     pub fn verify(&self, token: &str) -> Result<Caller, Status> {
         let header =
@@ -97,11 +122,10 @@ impl TokenVerifier {
             .kid
             .ok_or_else(|| unauthenticated("token has no kid"))?;
         let key = self
-            .keys
-            .get(&kid)
+            .key(&kid)
             .ok_or_else(|| unauthenticated("token signed by an unknown key"))?;
         let data =
-            jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|error| {
+            jsonwebtoken::decode::<Claims>(token, &key, &self.validation).map_err(|error| {
                 use jsonwebtoken::errors::ErrorKind;
                 match error.kind() {
                     ErrorKind::ExpiredSignature => unauthenticated("token expired"),

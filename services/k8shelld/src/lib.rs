@@ -168,16 +168,26 @@ impl Default for Config {
     }
 }
 
+/// Keys pushed by the platform after boot (see `UpdateJwks`), which
+/// supersede the boot configuration's.
+fn updated_jwks_file(config: &Config) -> PathBuf {
+    config.state_dir.join("jwks.json")
+}
+
 fn verifier(config: &Config) -> anyhow::Result<TokenVerifier> {
     anyhow::ensure!(
         !config.workspace_id.is_empty(),
         "workspace_id is required (it is the token audience)"
     );
-    let jwks = match (&config.jwks, &config.jwks_path) {
-        (Some(inline), _) => inline.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
+    let updated = std::fs::read_to_string(updated_jwks_file(config)).ok();
+    let jwks = match (&updated, &config.jwks, &config.jwks_path) {
+        (Some(updated), _, _) => updated.clone(),
+        (None, Some(inline), _) => inline.clone(),
+        (None, None, Some(path)) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read jwks from {}", path.display()))?,
-        (None, None) => anyhow::bail!("a jwks (inline or jwks_path) is required to verify tokens"),
+        (None, None, None) => {
+            anyhow::bail!("a jwks (inline or jwks_path) is required to verify tokens")
+        }
     };
     Ok(TokenVerifier::new(
         &jwks,
@@ -267,6 +277,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         apps: apps.clone(),
         account: account.clone(),
         logs: logs.clone(),
+        verifier: verifier.clone(),
+        jwks_file: updated_jwks_file(&config),
         sftp_server: match &config.sftp_server {
             Some(path) => path.clone(),
             None => std::env::current_exe().context("cannot find the k8shelld binary for sftp")?,

@@ -1694,3 +1694,94 @@ async fn kbox_attach_drives_a_session_from_a_local_terminal() {
     assert_eq!(sessions.len(), 1, "the session outlives its clients");
     daemon.shutdown.trigger();
 }
+
+/// Identity rotates its keys; the platform pushes the new set, which only a
+/// platform service may do, and which survives a daemon restart.
+#[tokio::test]
+async fn platform_services_replace_the_trusted_keys() {
+    let mut daemon = daemon(Duration::from_secs(60)).await;
+    let next = TokenIssuer::new("k2").unwrap();
+    let activity = |token: String| {
+        let socket = daemon.socket.clone();
+        async move {
+            let mut client = K8shelldClient::new(unix_channel(&socket).await.unwrap());
+            client
+                .get_activity(authorized(pb::GetActivityRequest {}, &token))
+                .await
+        }
+    };
+    let refused = activity(next.token("alice", WORKSPACE, 300))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    // Both keys, as identity publishes during an overlap.
+    let both = {
+        let mut a: serde_json::Value = serde_json::from_str(daemon.issuer.jwks()).unwrap();
+        let b: serde_json::Value = serde_json::from_str(next.jwks()).unwrap();
+        let keys = a["keys"].as_array_mut().unwrap();
+        keys.extend(b["keys"].as_array().unwrap().iter().cloned());
+        a.to_string()
+    };
+    let update = |token: String, jwks: String| {
+        let socket = daemon.socket.clone();
+        async move {
+            let mut client = K8shelldClient::new(unix_channel(&socket).await.unwrap());
+            client
+                .update_jwks(authorized(pb::UpdateJwksRequest { jwks }, &token))
+                .await
+        }
+    };
+    let by_user = update(daemon.token(), both.clone()).await.unwrap_err();
+    assert_eq!(by_user.code(), Code::PermissionDenied);
+    let bad = update(
+        daemon.issuer.token("system:provisioner", WORKSPACE, 300),
+        "{\"keys\": []}".into(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    let kids = update(
+        daemon.issuer.token("system:provisioner", WORKSPACE, 300),
+        both,
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .kids;
+    assert_eq!(kids, vec!["k1".to_owned(), "k2".to_owned()]);
+    activity(next.token("alice", WORKSPACE, 300)).await.unwrap();
+
+    // Only the new key from here on; the old one stops verifying.
+    update(
+        next.token("system:provisioner", WORKSPACE, 300),
+        next.jwks().to_owned(),
+    )
+    .await
+    .unwrap();
+    let old = activity(daemon.token()).await.unwrap_err();
+    assert_eq!(old.code(), Code::Unauthenticated);
+
+    // A restarted daemon keeps the pushed keys over its boot configuration.
+    daemon.shutdown.trigger();
+    daemon.task.take().unwrap().await.unwrap().unwrap();
+    let dir = daemon._dir.path().to_owned();
+    let shutdown = Shutdown::new();
+    let running = k8shell_k8shelld::start(
+        Config {
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            socket_path: daemon.socket.clone(),
+            workspace_id: WORKSPACE.into(),
+            jwks: Some(daemon.issuer.jwks().to_owned()),
+            state_dir: dir.join("state"),
+            local_api_path: dir.join("local.sock"),
+            ..Config::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    activity(next.token("alice", WORKSPACE, 300)).await.unwrap();
+    shutdown.trigger();
+    running.task.await.unwrap().unwrap();
+}
