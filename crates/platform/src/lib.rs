@@ -134,6 +134,9 @@ impl Platform {
             child(),
         )
         .await?;
+        let identity_grpc = identity
+            .listener("grpc")
+            .ok_or_else(|| anyhow::anyhow!("identity has no grpc listener"))?;
         self.services.push(identity);
         let authz = k8shell_authz::start(
             k8shell_authz::Config {
@@ -151,6 +154,7 @@ impl Platform {
         let provisioner = k8shell_provisioner::start(
             k8shell_provisioner::Config {
                 grpc_addr: at(ports.provisioner_grpc),
+                identity_url: format!("http://{identity_grpc}"),
                 admin_addr: at(ports.provisioner_admin),
                 bus: bus.clone(),
                 database_url: database_url.to_owned(),

@@ -23,8 +23,10 @@ pub fn containers_conf() -> PathBuf {
 pub struct TestProvisioner {
     /// gRPC URL.
     pub url: String,
-    /// Signs tokens k8shelld in its workspaces accepts.
-    pub tokens: WorkspaceTokens,
+    /// Tokens k8shelld in its workspaces accepts, from the test's identity.
+    pub tokens: std::sync::Arc<WorkspaceTokens>,
+    /// The identity the provisioner gets its tokens and keys from.
+    pub identity_url: String,
     /// The watched blueprint directory (tests may add files).
     pub blueprints: PathBuf,
     shutdown: Shutdown,
@@ -64,7 +66,34 @@ impl TestProvisioner {
             std::fs::write(blueprints.join("tests.yaml"), extra_blueprints)?;
         }
         let state_dir = dir.path().join("provisioner");
+        let shutdown = Shutdown::new();
+        // Identity signs workspace tokens; the provisioner hands its keys to
+        // every workspace.
+        let identity = k8shell_identity::start(
+            k8shell_identity::Config {
+                grpc_addr: "127.0.0.1:0".parse()?,
+                http_addr: "127.0.0.1:0".parse()?,
+                admin_addr: "127.0.0.1:0".parse()?,
+                bus: infra.bus_config(),
+                database_url: infra.postgres.url().to_owned(),
+                state_dir: dir.path().join("identity"),
+                // Rotations during the tests: running workspaces must be
+                // given the new keys in time (the provisioner reconciles
+                // every 2 s here; the next key is published 20 s ahead).
+                key_rotation: Duration::from_secs(20),
+                ..Default::default()
+            },
+            shutdown.child(),
+        )
+        .await?;
+        let identity_url = format!(
+            "http://{}",
+            identity
+                .listener("grpc")
+                .ok_or_else(|| anyhow::anyhow!("identity has no grpc listener"))?
+        );
         let config = k8shell_provisioner::Config {
+            identity_url: identity_url.clone(),
             grpc_addr: "127.0.0.1:0".parse()?,
             admin_addr: "127.0.0.1:0".parse()?,
             bus: infra.bus_config(),
@@ -88,15 +117,17 @@ impl TestProvisioner {
             },
             ..Default::default()
         };
-        let shutdown = Shutdown::new();
         let running = k8shell_provisioner::start(config, shutdown.clone()).await?;
         let addr = running
             .listener("grpc")
             .ok_or_else(|| anyhow::anyhow!("no grpc listener"))?;
-        let tokens = WorkspaceTokens::load_or_create(&state_dir.join("workspace-signing-key.pem"))?;
+        let tokens = std::sync::Arc::new(
+            WorkspaceTokens::connect(&identity_url, Duration::from_secs(10)).await?,
+        );
         Ok(Self {
             url: format!("http://{addr}"),
             tokens,
+            identity_url,
             blueprints,
             shutdown,
             task: Some(running.task),

@@ -141,6 +141,8 @@ struct Inner {
     last_busy: Mutex<HashMap<String, SystemTime>>,
     warned: Mutex<HashSet<String>>,
     specs: Mutex<HashMap<String, WorkspaceSpec>>,
+    /// The JWKS each running workspace was last given (to push changes).
+    pushed_jwks: Mutex<HashMap<String, String>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -181,6 +183,7 @@ impl Controller {
                 last_busy: Mutex::new(HashMap::new()),
                 warned: Mutex::new(HashSet::new()),
                 specs: Mutex::new(HashMap::new()),
+                pushed_jwks: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 shutdown,
             }),
@@ -565,12 +568,15 @@ impl Controller {
     async fn provision(&self, workspace: &Workspace) -> Result<String, String> {
         let id = workspace.id.as_str();
         let spec = self.spec_for(workspace)?;
-        let daemon_config = render_daemon_config(
-            &spec,
-            self.inner.tokens.jwks(),
-            self.inner.runtime.daemon_uses_tls(),
-        )
-        .map_err(|e| format!("cannot render k8shelld's config: {e}"))?;
+        // The freshest keys: a workspace must know the current signer.
+        if let Err(error) = self.inner.tokens.refresh_jwks().await {
+            tracing::warn!(workspace = id, %error, "cannot refresh identity's keys; using the last ones");
+        }
+        let jwks = self.inner.tokens.jwks();
+        lock(&self.inner.pushed_jwks).insert(id.to_owned(), jwks.clone());
+        let daemon_config =
+            render_daemon_config(&spec, &jwks, self.inner.runtime.daemon_uses_tls())
+                .map_err(|e| format!("cannot render k8shelld's config: {e}"))?;
         lock(&self.inner.specs).insert(id.to_owned(), spec.clone());
 
         // Progress is recorded as it comes, in order, by one task.
@@ -844,6 +850,58 @@ impl Controller {
         Ok(rows.into_iter().map(|(w, _)| w.id).collect())
     }
 
+    /// Fetches identity's JWKS and gives it to every running workspace
+    /// that does not have it yet. Identity publishes its next signing key a
+    /// rotation period ahead, so a workspace learns a key long before the
+    /// first token signed with it arrives.
+    pub async fn jwks_tick(&self) {
+        if let Err(error) = self.inner.tokens.refresh_jwks().await {
+            tracing::warn!(%error, "cannot fetch identity's keys");
+            return;
+        }
+        let jwks = self.inner.tokens.jwks();
+        let rows = match read_model::list(
+            &self.inner.pool,
+            &ListFilter {
+                state: Some(State::Running),
+                limit: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(%error, "key push: cannot list workspaces");
+                return;
+            }
+        };
+        for (workspace, _) in rows {
+            let id = workspace.id.as_str();
+            if lock(&self.inner.pushed_jwks).get(id) == Some(&jwks) {
+                continue;
+            }
+            match daemon::update_jwks(
+                self.inner.runtime.as_ref(),
+                &workspace.endpoint,
+                id,
+                &self.inner.tokens,
+                &jwks,
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                Ok(()) => {
+                    tracing::info!(workspace = id, "pushed identity's keys");
+                    lock(&self.inner.pushed_jwks).insert(id.to_owned(), jwks.clone());
+                }
+                Err(error) => {
+                    tracing::warn!(workspace = id, %error, "cannot push identity's keys")
+                }
+            }
+        }
+    }
+
     /// Checks running workspaces for idleness: warns, then stops.
     pub async fn idle_tick(&self) {
         let rows = match read_model::list(
@@ -956,6 +1014,7 @@ impl Controller {
                         _ = tick.tick() => {
                             controller.reconcile_all().await;
                             controller.collect_garbage().await;
+                            controller.jwks_tick().await;
                         }
                         event = events.recv() => match event {
                             Some(RuntimeEvent { workspace_id, kind, detail }) => {

@@ -19,8 +19,8 @@ pub enum DaemonError {
     /// The call failed.
     #[error("k8shelld: {0}")]
     Call(#[from] tonic::Status),
-    /// No token could be made.
-    #[error("cannot sign a workspace token: {0}")]
+    /// No token could be had.
+    #[error("cannot get a workspace token: {0}")]
     Token(#[from] crate::tokens::TokenError),
 }
 
@@ -63,7 +63,7 @@ pub async fn activity(
     tokens: &WorkspaceTokens,
     timeout: Duration,
 ) -> Result<Activity, DaemonError> {
-    let token = tokens.token(workspace_id, Duration::from_secs(120))?;
+    let token = tokens.token(workspace_id).await?;
     let channel = runtime
         .daemon_channel(endpoint, timeout)
         .await
@@ -82,4 +82,29 @@ pub async fn activity(
         open_sessions: reply.open_sessions,
         attached_clients: reply.attached_clients,
     })
+}
+
+/// Gives k8shelld at `endpoint` a new set of trusted keys.
+pub async fn update_jwks(
+    runtime: &dyn Runtime,
+    endpoint: &str,
+    workspace_id: &str,
+    tokens: &WorkspaceTokens,
+    jwks: &str,
+    timeout: Duration,
+) -> Result<(), DaemonError> {
+    let token = tokens.token(workspace_id).await?;
+    let channel = runtime
+        .daemon_channel(endpoint, timeout)
+        .await
+        .map_err(DaemonError::Connect)?;
+    let mut client = K8shelldClient::new(channel);
+    let mut request = tonic::Request::new(pb::UpdateJwksRequest {
+        jwks: jwks.to_owned(),
+    });
+    if let Ok(value) = format!("Bearer {token}").parse() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    client.update_jwks(request).await?;
+    Ok(())
 }

@@ -56,6 +56,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Config {
     /// gRPC API address.
     pub grpc_addr: SocketAddr,
+    /// Identity's gRPC URL: workspace tokens and the keys that verify them.
+    pub identity_url: String,
     /// Health and metrics address.
     pub admin_addr: SocketAddr,
     /// Event bus.
@@ -97,6 +99,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 7404)),
+            identity_url: "http://127.0.0.1:7401".to_owned(),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 7504)),
             bus: BusConfig::default(),
             database_url: "postgres://localhost/k8shell".to_owned(),
@@ -143,8 +146,14 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     .await?;
 
     let tokens = Arc::new(
-        WorkspaceTokens::load_or_create(&config.state_dir.join("workspace-signing-key.pem"))
-            .context("cannot load the workspace token key")?,
+        WorkspaceTokens::connect(&config.identity_url, Duration::from_secs(30))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot get identity's keys from {} (identity signs workspace tokens)",
+                    config.identity_url
+                )
+            })?,
     );
     let catalog = Arc::new(BlueprintCatalog::open(&config.blueprints_dir));
     let runtime: Arc<dyn Runtime> = match config.runtime {

@@ -45,7 +45,7 @@ idleTimeout: 4s
 
 struct Harness {
     client: ProvisionerServiceClient<Channel>,
-    tokens: WorkspaceTokens,
+    tokens: std::sync::Arc<WorkspaceTokens>,
     blueprints: PathBuf,
     provisioner: TestProvisioner,
 }
@@ -152,14 +152,32 @@ impl Harness {
     async fn sh(&self, workspace: &pb::Workspace, script: &str) -> k8shell_testkit::ExecOutput {
         let socket = workspace.endpoint.strip_prefix("unix://").unwrap();
         let mut client = K8shelldClient::new(unix_channel(Path::new(socket)).await.unwrap());
-        let token = self
-            .tokens
-            .token(&workspace.id, Duration::from_secs(60))
-            .unwrap();
+        let token = self.tokens.token(&workspace.id).await.unwrap();
         exec(&mut client, &token, &["sh", "-c", script], "")
             .await
             .unwrap()
     }
+}
+
+/// A fresh token straight from identity (not the provisioner's cache), and
+/// the id of the key that signed it.
+async fn fresh_token(identity_url: &str, workspace_id: &str) -> (String, String) {
+    use k8shell_proto::identity::v1 as id_pb;
+    let mut identity =
+        id_pb::identity_service_client::IdentityServiceClient::connect(identity_url.to_owned())
+            .await
+            .unwrap();
+    let token = identity
+        .issue_service_token(id_pb::IssueServiceTokenRequest {
+            service: "e2e".into(),
+            workspace_id: workspace_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+    (token, kid)
 }
 
 async fn cleanup(harness: &mut Harness, id: &str) {
@@ -504,7 +522,7 @@ async fn an_attached_session_keeps_an_idle_workspace_running() {
     // Attach a shell and type nothing: idle by input, but someone is there.
     let socket = ws.endpoint.strip_prefix("unix://").unwrap().to_owned();
     let mut daemon = K8shelldClient::new(unix_channel(Path::new(&socket)).await.unwrap());
-    let token = h.tokens.token(&ws.id, Duration::from_secs(60)).unwrap();
+    let token = h.tokens.token(&ws.id).await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(ShellRequest {
         msg: Some(shell_request::Msg::Start(ShellStart {
@@ -623,5 +641,41 @@ async fn bad_requests_and_broken_blueprints_get_clear_errors() {
         errors[0].contains("broken.yaml: blueprint \"broken\": resources.limits.memory"),
         "{errors:?}"
     );
+    h.stop().await;
+}
+
+/// Identity rotates its signing key while a workspace runs (every 20 s in
+/// the tests); the provisioner gives the workspace each new key set, so a
+/// token signed by a key that did not exist when the workspace started is
+/// accepted.
+#[tokio::test]
+async fn identity_key_rotations_reach_running_workspaces() {
+    let mut h = Harness::start().await;
+    let ws = h.running("gus", "base").await;
+    let identity_url = h.provisioner.identity_url.clone();
+    let (_, first_kid) = fresh_token(&identity_url, &ws.id).await;
+    // Two rotations: the signer is then a key created after the workspace
+    // was given its keys (the first rotation's new "next" key).
+    let mut kids = vec![first_kid];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while kids.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rotations: {kids:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (_, kid) = fresh_token(&identity_url, &ws.id).await;
+        if kids.last() != Some(&kid) {
+            kids.push(kid);
+        }
+    }
+    // Pushes happen on the provisioner's 2 s reconcile tick.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (token, _) = fresh_token(&identity_url, &ws.id).await;
+    let socket = ws.endpoint.strip_prefix("unix://").unwrap();
+    let mut client = K8shelldClient::new(unix_channel(Path::new(socket)).await.unwrap());
+    let output = exec(&mut client, &token, &["true"], "").await.unwrap();
+    assert_eq!(output.exit.code, Some(0), "{output:?}");
+    cleanup(&mut h, &ws.id).await;
     h.stop().await;
 }
