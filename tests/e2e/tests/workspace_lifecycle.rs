@@ -651,7 +651,7 @@ async fn bad_requests_and_broken_blueprints_get_clear_errors() {
 #[tokio::test]
 async fn identity_key_rotations_reach_running_workspaces() {
     let mut h = Harness::start().await;
-    let ws = h.running("gus", "base").await;
+    let ws = h.running("gus", "dev").await;
     let identity_url = h.provisioner.identity_url.clone();
     let (_, first_kid) = fresh_token(&identity_url, &ws.id).await;
     // Two rotations: the signer is then a key created after the workspace
