@@ -144,8 +144,8 @@ impl PolicySet {
     /// Evaluates the decision for `input`.
     pub fn evaluate(&self, input: &serde_json::Value) -> Result<Outcome, EvalError> {
         let json = self.evaluate_rule(DECISION_RULE, input)?;
-        serde_json::from_value(json.clone())
-            .map_err(|e| EvalError::Malformed(format!("{e}: {json}")))
+        // From a reference: the value is only copied into the error.
+        Outcome::deserialize(&json).map_err(|e| EvalError::Malformed(format!("{e}: {json}")))
     }
 
     /// Evaluates any rule for `input`, as JSON.
@@ -172,10 +172,8 @@ impl PolicySet {
             spare.push(engine);
         }
         let result = result.map_err(|e| EvalError::Policy(e.to_string()))?;
-        let json = result
-            .to_json_str()
-            .map_err(|e| EvalError::Malformed(e.to_string()))?;
-        serde_json::from_str(&json).map_err(|e| EvalError::Malformed(format!("{e}: {json}")))
+        // Straight to a JSON value: no text in between.
+        serde_json::to_value(&result).map_err(|e| EvalError::Malformed(e.to_string()))
     }
 
     /// Runs every `test_*` rule of the `*_test.rego` files in `dir`

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use opa_wasm::wasmtime;
+use serde::Deserialize as _;
 use sha2::{Digest, Sha256};
 
 use crate::policy::{EvalError, Outcome};
@@ -165,8 +166,8 @@ impl WasmPolicy {
     /// Evaluates the decision entrypoint for `input`.
     pub async fn evaluate(&self, input: &serde_json::Value) -> Result<Outcome, EvalError> {
         let json = self.evaluate_json(input).await?;
-        serde_json::from_value(json.clone())
-            .map_err(|e| EvalError::Malformed(format!("{e}: {json}")))
+        // From a reference: the value is only copied into the error.
+        Outcome::deserialize(&json).map_err(|e| EvalError::Malformed(format!("{e}: {json}")))
     }
 
     /// Evaluates the entrypoint; the first result's value, as JSON.
