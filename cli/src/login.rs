@@ -24,6 +24,46 @@ pub struct LoginArgs {
     /// Certificate lifetime (`8h`); identity's default when unset.
     #[arg(long, value_parser = humantime::parse_duration)]
     valid: Option<std::time::Duration>,
+    /// Log in through this OpenID Provider (device flow: open the URL shown,
+    /// enter the code) instead of with a password.
+    #[arg(long)]
+    provider: Option<String>,
+}
+
+/// A device login: shows where to go and waits for the provider's answer.
+async fn device_login(
+    client: &mut IdentityServiceClient<tonic::transport::Channel>,
+    provider: &str,
+) -> anyhow::Result<pb::LoginResponse> {
+    let mut updates = client
+        .oidc_device_login(pb::OidcDeviceLoginRequest {
+            provider: provider.to_owned(),
+            source: "k8shell-cli".to_owned(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    loop {
+        let update = updates
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .context("identity ended the login without an answer")?;
+        match update.update {
+            Some(pb::oidc_device_login_update::Update::Prompt(prompt)) => {
+                println!(
+                    "to log in, open {} and enter the code {}",
+                    prompt.verification_uri, prompt.user_code
+                );
+                if !prompt.verification_uri_complete.is_empty() {
+                    println!("(or open {})", prompt.verification_uri_complete);
+                }
+                println!("waiting for the identity provider…");
+            }
+            Some(pb::oidc_device_login_update::Update::Completed(login)) => return Ok(login),
+            None => {}
+        }
+    }
 }
 
 /// Identity's gRPC URL: `K8SHELL_IDENTITY_URL`, else the local platform's.
@@ -100,10 +140,6 @@ pub async fn run(
     env: &HashMap<String, String>,
 ) -> anyhow::Result<ExitCode> {
     let home = env.get("HOME").map(PathBuf::from);
-    let username = args
-        .user
-        .or_else(|| env.get("USER").cloned())
-        .context("give --user (USER is not set)")?;
     let key = match args.key {
         Some(key) => Some(key),
         None => home
@@ -114,16 +150,30 @@ pub async fn run(
     let mut client = IdentityServiceClient::connect(url.clone())
         .await
         .with_context(|| format!("cannot reach identity at {url}"))?;
-    let password = password(env)?;
-    let login = client
-        .password_login(pb::PasswordLoginRequest {
-            username: username.clone(),
-            password,
-            source: "k8shell-cli".to_owned(),
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
-        .into_inner();
+    let login = match &args.provider {
+        Some(provider) => device_login(&mut client, provider).await?,
+        None => {
+            let username = args
+                .user
+                .or_else(|| env.get("USER").cloned())
+                .context("give --user (USER is not set)")?;
+            let password = password(env)?;
+            client
+                .password_login(pb::PasswordLoginRequest {
+                    username,
+                    password,
+                    source: "k8shell-cli".to_owned(),
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner()
+        }
+    };
+    let username = login
+        .user
+        .as_ref()
+        .map(|u| u.username.clone())
+        .unwrap_or_default();
     let token_path = home
         .as_deref()
         .map(|h| h.join(".config/k8shell/token"))

@@ -94,3 +94,111 @@ async fn login_keeps_a_token_and_certifies_the_ssh_key() {
     );
     shutdown.trigger();
 }
+
+/// `k8shell login --provider`: the device flow against a real OpenID
+/// Provider; the person at the browser is scripted.
+#[tokio::test]
+async fn login_through_an_openid_provider_with_the_device_flow() {
+    use k8shell_identity::oidc::{
+        ClaimMappingConfig, OidcProviderConfig, OnboardingAction, OnboardingRule,
+    };
+    use k8shell_testkit::{Journey, OidcBrowser, TestOidcProvider};
+    use tokio::io::AsyncBufReadExt;
+
+    let provider = TestOidcProvider::start("http://127.0.0.1:9/cb")
+        .await
+        .unwrap();
+    let infra = TestInfra::start().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let shutdown = Shutdown::new();
+    let running = k8shell_identity::start(
+        k8shell_identity::Config {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            bus: infra.bus_config(),
+            database_url: infra.postgres.url().to_owned(),
+            state_dir: state.path().to_owned(),
+            oidc_providers: vec![OidcProviderConfig {
+                name: "corp".into(),
+                display_name: String::new(),
+                issuer: provider.issuer.clone(),
+                client_id: provider.client_id.clone(),
+                client_secret: provider.client_secret.clone(),
+                client_secret_file: None,
+                redirect_uri: String::new(),
+                scopes: vec!["openid".into(), "email".into(), "profile".into()],
+                claims: ClaimMappingConfig::default(),
+                onboarding: vec![OnboardingRule {
+                    username: "*".into(),
+                    action: OnboardingAction::Allow,
+                }],
+            }],
+            ..Default::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", running.listener("grpc").unwrap());
+    let home = tempfile::tempdir().unwrap();
+    let mut login = tokio::process::Command::new(BIN)
+        .args(["login", "--provider", "corp"])
+        .env("K8SHELL_IDENTITY_URL", &url)
+        .env("HOME", home.path())
+        .env_remove("USER")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(login.stdout.take().unwrap()).lines();
+    let prompt = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the CLI shows the prompt")
+        .unwrap()
+        .unwrap();
+    // "to log in, open <uri> and enter the code <code>"
+    let words: Vec<&str> = prompt.split_whitespace().collect();
+    let uri = words[words.iter().position(|w| *w == "open").unwrap() + 1];
+    let code = words.last().unwrap();
+    let mut browser = OidcBrowser::new("hannah").unwrap();
+    let journey = browser
+        .run(uri, "http://127.0.0.1:9/cb", Some(code))
+        .await
+        .unwrap();
+    assert!(matches!(journey, Journey::DeviceApproved), "{journey:?}");
+    let mut rest = Vec::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            rest.push(line);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), read)
+        .await
+        .expect("the CLI finishes");
+    let status = login.wait().await.unwrap();
+    assert!(status.success(), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("logged in as hannah")),
+        "{rest:?}"
+    );
+    let token = std::fs::read_to_string(home.path().join(".config/k8shell/token")).unwrap();
+    assert_eq!(token.split('.').count(), 3, "a JWT");
+
+    // An unknown provider is a clear error.
+    // (tokio's Command: a blocking wait would stall identity, which runs
+    // on this test's runtime.)
+    let unknown = tokio::process::Command::new(BIN)
+        .args(["login", "--provider", "nope"])
+        .env("K8SHELL_IDENTITY_URL", &url)
+        .env("HOME", home.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no OpenID Provider named"),
+        "{unknown:?}"
+    );
+    shutdown.trigger();
+}
