@@ -850,6 +850,27 @@ impl Controller {
         Ok(rows.into_iter().map(|(w, _)| w.id).collect())
     }
 
+    /// Running workspaces from the read model; none (logged) when it
+    /// cannot be read — the periodic passes simply try again.
+    async fn running_workspaces(&self, purpose: &str) -> Vec<Workspace> {
+        let listed = read_model::list(
+            &self.inner.pool,
+            &ListFilter {
+                state: Some(State::Running),
+                limit: 100_000,
+                ..Default::default()
+            },
+        )
+        .await;
+        match listed {
+            Ok(rows) => rows.into_iter().map(|(workspace, _)| workspace).collect(),
+            Err(error) => {
+                tracing::warn!(%error, "{purpose}: cannot list workspaces");
+                Vec::new()
+            }
+        }
+    }
+
     /// Fetches identity's JWKS and gives it to every running workspace
     /// that does not have it yet. Identity publishes its next signing key a
     /// rotation period ahead, so a workspace learns a key long before the
@@ -860,23 +881,7 @@ impl Controller {
             return;
         }
         let jwks = self.inner.tokens.jwks();
-        let rows = match read_model::list(
-            &self.inner.pool,
-            &ListFilter {
-                state: Some(State::Running),
-                limit: 100_000,
-                ..Default::default()
-            },
-        )
-        .await
-        {
-            Ok(rows) => rows,
-            Err(error) => {
-                tracing::warn!(%error, "key push: cannot list workspaces");
-                return;
-            }
-        };
-        for (workspace, _) in rows {
+        for workspace in self.running_workspaces("key push").await {
             let id = workspace.id.as_str();
             if lock(&self.inner.pushed_jwks).get(id) == Some(&jwks) {
                 continue;
@@ -904,23 +909,7 @@ impl Controller {
 
     /// Checks running workspaces for idleness: warns, then stops.
     pub async fn idle_tick(&self) {
-        let rows = match read_model::list(
-            &self.inner.pool,
-            &ListFilter {
-                state: Some(State::Running),
-                limit: 100_000,
-                ..Default::default()
-            },
-        )
-        .await
-        {
-            Ok(rows) => rows,
-            Err(error) => {
-                tracing::warn!(%error, "idle check: cannot list workspaces");
-                return;
-            }
-        };
-        for (workspace, _) in rows {
+        for workspace in self.running_workspaces("idle check").await {
             if let Err(error) = self.idle_check(&workspace).await {
                 tracing::debug!(workspace = %workspace.id, %error, "idle check skipped");
             }
