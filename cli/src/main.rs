@@ -7,6 +7,11 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+// `k8shell up` hosts authz in this process; policy evaluation allocates
+// many small values (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod login;
 mod projections;
 mod status;

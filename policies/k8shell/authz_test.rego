@@ -109,3 +109,15 @@ test_anonymous_requests_are_refused if {
 	not d.allow
 	d.reasons == ["no authenticated subject"]
 }
+
+test_actions_of_unknown_domains_are_refused_to_users if {
+	d := decide(alice, "mail:send", alices_workspace, {})
+	not d.allow
+	d.reasons == ["no rule allows mail:send"]
+	count(d.obligations) == 0
+}
+
+test_missing_fields_fail_closed if {
+	not decide({"sub": "alice"}, "ssh:shell", {"type": "workspace", "id": "alice-1a7fd88"}, {}).allow
+	not decide({"roles": ["admin"]}, "ssh:shell", bobs_workspace, {}).allow
+}

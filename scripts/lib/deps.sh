@@ -75,12 +75,36 @@ k8shell_deps() {
 
 # The test suite's OpenID Provider (npm `oidc-provider`, pinned by
 # tests/oidc-provider/package-lock.json). Node.js comes from Debian when the
-# machine has none; an existing node is kept.
+# machine has none; an existing node is kept when it is new enough.
+# oidc-provider 9 and its `jose` need Node.js >= 20 (global WebCrypto), and
+# Debian bookworm ships 18: then Debian's node only runs npm, which fetches
+# a Node.js 22 binary from the npm registry (`node-linux-<arch>`) into the
+# cache, put first on PATH for the tests.
+K8SHELL_NODE_MIN_MAJOR="${K8SHELL_NODE_MIN_MAJOR:-20}"
+K8SHELL_NODE_VERSION="22.23.3"
 k8shell_test_node_deps() {
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     echo "k8shell: installing nodejs npm"
     k8shell_as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive k8shell_as_root apt-get install -y -qq --no-install-recommends nodejs npm
+  fi
+  local major
+  major="$(node -p 'process.versions.node.split(".")[0]')"
+  if [ "$major" -lt "$K8SHELL_NODE_MIN_MAJOR" ]; then
+    local arch
+    case "$(uname -m)" in
+      x86_64) arch=x64 ;;
+      aarch64) arch=arm64 ;;
+      *) echo "k8shell: node $major is too old and no Node.js package exists for $(uname -m)" >&2; return 1 ;;
+    esac
+    local prefix="${XDG_CACHE_HOME:-$HOME/.cache}/k8shell/node-$K8SHELL_NODE_VERSION"
+    local bin="$prefix/node_modules/node-linux-$arch/bin"
+    if [ ! -x "$bin/node" ]; then
+      echo "k8shell: node $major is older than $K8SHELL_NODE_MIN_MAJOR; fetching Node.js $K8SHELL_NODE_VERSION from npm"
+      mkdir -p "$prefix"
+      npm install --prefix "$prefix" --no-save --no-audit --no-fund --loglevel=error "node-linux-$arch@$K8SHELL_NODE_VERSION"
+    fi
+    export PATH="$bin:$PATH"
   fi
   local dir="$K8SHELL_ROOT/tests/oidc-provider"
   # npm ci again only when the lock file changed since the last install.

@@ -11,6 +11,11 @@
 // A benchmark reports to its operator; a failed step ends the run.
 #![allow(clippy::unwrap_used)]
 
+// As in the services that evaluate policies: the in-process numbers must
+// come from the allocator production uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod authz;
 mod coldstart;
 mod k8shelld;

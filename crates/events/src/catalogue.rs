@@ -3,6 +3,10 @@ use std::fmt::Write as _;
 use schemars::{Schema, SchemaGenerator};
 
 use crate::authz::AuthzDecided;
+use crate::session::{
+    SessionEnded, SessionRecordingChunk, SessionRecordingEnded, SessionRecordingStarted,
+    SessionStarted,
+};
 use crate::shield::{ShieldIpBanned, ShieldIpUnbanned, SshAuthFailed};
 use crate::user::{
     OrgCreated, UserApproved, UserIdentityLinked, UserOrganizationSet, UserWaitlisted,
@@ -48,6 +52,11 @@ pub fn catalogue() -> Vec<EventTypeInfo> {
         entry::<SshAuthFailed>("SshAuthFailed"),
         entry::<ShieldIpBanned>("ShieldIpBanned"),
         entry::<ShieldIpUnbanned>("ShieldIpUnbanned"),
+        entry::<SessionStarted>("SessionStarted"),
+        entry::<SessionEnded>("SessionEnded"),
+        entry::<SessionRecordingStarted>("SessionRecordingStarted"),
+        entry::<SessionRecordingChunk>("SessionRecordingChunk"),
+        entry::<SessionRecordingEnded>("SessionRecordingEnded"),
         entry::<UserCreated>("UserCreated"),
         entry::<UserRolesSet>("UserRolesSet"),
         entry::<UserPasswordSet>("UserPasswordSet"),

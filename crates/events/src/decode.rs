@@ -1,5 +1,6 @@
 use serde::de::DeserializeOwned;
 
+use crate::session::SessionEvent;
 use crate::user::{
     OrgCreated, UserApproved, UserIdentityLinked, UserOrganizationSet, UserWaitlisted,
 };
@@ -23,6 +24,8 @@ pub enum DomainEvent {
     User(UserEvent),
     /// An authorization decision (possibly folded).
     AuthzDecided(crate::authz::AuthzDecided),
+    /// A session or recording event.
+    Session(SessionEvent),
     /// A failed SSH authentication.
     SshAuthFailed(crate::shield::SshAuthFailed),
     /// A ban.
@@ -76,6 +79,21 @@ impl DomainEvent {
             WorkspaceIdleWarning::TYPE => DomainEvent::Workspace(W::IdleWarning(data(event)?)),
             crate::workspace::WorkspaceStopScheduled::TYPE => {
                 DomainEvent::Workspace(W::StopScheduled(data(event)?))
+            }
+            crate::session::SessionStarted::TYPE => {
+                DomainEvent::Session(SessionEvent::Started(data(event)?))
+            }
+            crate::session::SessionEnded::TYPE => {
+                DomainEvent::Session(SessionEvent::Ended(data(event)?))
+            }
+            crate::session::SessionRecordingStarted::TYPE => {
+                DomainEvent::Session(SessionEvent::RecordingStarted(data(event)?))
+            }
+            crate::session::SessionRecordingChunk::TYPE => {
+                DomainEvent::Session(SessionEvent::RecordingChunk(data(event)?))
+            }
+            crate::session::SessionRecordingEnded::TYPE => {
+                DomainEvent::Session(SessionEvent::RecordingEnded(data(event)?))
             }
             crate::authz::AuthzDecided::TYPE => DomainEvent::AuthzDecided(data(event)?),
             crate::shield::SshAuthFailed::TYPE => DomainEvent::SshAuthFailed(data(event)?),

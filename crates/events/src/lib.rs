@@ -13,6 +13,7 @@ pub mod authz;
 mod catalogue;
 mod decode;
 mod envelope;
+pub mod session;
 pub mod shield;
 mod subject;
 pub mod user;

@@ -6,7 +6,7 @@ use k8shell_embedded::Durability;
 /// Ports of the embedded platform. Zero picks a free port (tests).
 #[derive(Clone, Debug)]
 pub struct Ports {
-    /// SSH (sshproxy), reserved until the proxy lands.
+    /// SSH (sshproxy).
     pub ssh: u16,
     /// HTTP: API, console, app proxy, and the apiserver's health.
     pub http: u16,

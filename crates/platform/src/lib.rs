@@ -150,6 +150,9 @@ impl Platform {
             child(),
         )
         .await?;
+        let authz_grpc = authz
+            .listener("grpc")
+            .ok_or_else(|| anyhow::anyhow!("authz has no grpc listener"))?;
         self.services.push(authz);
         let provisioner = k8shell_provisioner::start(
             k8shell_provisioner::Config {
@@ -175,6 +178,9 @@ impl Platform {
             child(),
         )
         .await?;
+        let provisioner_grpc = provisioner
+            .listener("grpc")
+            .ok_or_else(|| anyhow::anyhow!("provisioner has no grpc listener"))?;
         self.services.push(provisioner);
         let session = k8shell_session::start(
             k8shell_session::Config {
@@ -194,7 +200,14 @@ impl Platform {
         self.services.push(nfgate);
         let sshproxy = k8shell_sshproxy::start(
             k8shell_sshproxy::Config {
+                ssh_addr: at(ports.ssh),
                 admin_addr: at(ports.sshproxy_admin),
+                bus: bus.clone(),
+                identity_url: format!("http://{identity_grpc}"),
+                authz_url: format!("http://{authz_grpc}"),
+                provisioner_url: format!("http://{provisioner_grpc}"),
+                host_key_dir: config.data_dir.join("sshproxy"),
+                ..Default::default()
             },
             child(),
         )

@@ -22,6 +22,21 @@ impl TestPlatform {
         nats_url: Option<String>,
         database_url: Option<String>,
     ) -> anyhow::Result<Self> {
+        Self::start_inner(nats_url, database_url, false).await
+    }
+
+    /// Starts the platform with private servers and podman workspaces
+    /// that really run (the static k8shelld and the Debian image that
+    /// `./scripts/test` builds; no network).
+    pub async fn start_with_workspaces() -> anyhow::Result<Self> {
+        Self::start_inner(None, None, true).await
+    }
+
+    async fn start_inner(
+        nats_url: Option<String>,
+        database_url: Option<String>,
+        workspaces: bool,
+    ) -> anyhow::Result<Self> {
         crate::init_tracing();
         let dir = tempfile::Builder::new()
             .prefix("k8shell-platform-")
@@ -41,6 +56,11 @@ impl TestPlatform {
         config.workspaces.blueprint_reload_interval = std::time::Duration::from_millis(100);
         // Workspaces of platform tests never reach a network.
         config.workspaces.network = "none".to_owned();
+        if workspaces {
+            config.workspaces.k8shelld_binary = Some(crate::provisioner::k8shelld_static()?);
+            crate::provisioner::require_image()?;
+            config.workspaces.containers_conf = Some(crate::provisioner::containers_conf());
+        }
         config.ports = Ports::ephemeral();
         config.durability = Durability::Ephemeral;
         config.nats_url = nats_url;

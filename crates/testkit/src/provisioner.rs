@@ -35,25 +35,37 @@ pub struct TestProvisioner {
     infra: TestInfra,
 }
 
+/// The static k8shelld workspaces run (`K8SHELL_K8SHELLD_STATIC`, set by
+/// `./scripts/test`).
+pub fn k8shelld_static() -> anyhow::Result<PathBuf> {
+    std::env::var_os("K8SHELL_K8SHELLD_STATIC")
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "K8SHELL_K8SHELLD_STATIC must name the static k8shelld; run ./scripts/test"
+            )
+        })
+}
+
+/// Fails unless the Debian workspace image exists.
+pub fn require_image() -> anyhow::Result<()> {
+    let image = std::process::Command::new("podman")
+        .args(["image", "exists", "localhost/k8shell-debian:bookworm"])
+        .env("CONTAINERS_CONF", containers_conf())
+        .status()?;
+    anyhow::ensure!(
+        image.success(),
+        "the Debian workspace image is missing; run ./scripts/test (it builds it)"
+    );
+    Ok(())
+}
+
 impl TestProvisioner {
     /// Starts one; `extra_blueprints` is written beside the defaults.
     /// Workspaces get no network; loops run fast so tests see them act.
     pub async fn start(extra_blueprints: &str) -> anyhow::Result<Self> {
-        let binary = std::env::var_os("K8SHELL_K8SHELLD_STATIC")
-            .map(PathBuf::from)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "K8SHELL_K8SHELLD_STATIC must name the static k8shelld; run ./scripts/test"
-                )
-            })?;
-        let image = std::process::Command::new("podman")
-            .args(["image", "exists", "localhost/k8shell-debian:bookworm"])
-            .env("CONTAINERS_CONF", containers_conf())
-            .status()?;
-        anyhow::ensure!(
-            image.success(),
-            "the Debian workspace image is missing; run ./scripts/test (it builds it)"
-        );
+        let binary = k8shelld_static()?;
+        require_image()?;
         let infra = TestInfra::start().await?;
         let dir = tempfile::Builder::new().prefix("k8shell-ws-").tempdir()?;
         let blueprints = dir.path().join("blueprints");

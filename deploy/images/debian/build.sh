@@ -17,7 +17,9 @@ if podman image exists "$image"; then
 fi
 suite="bookworm"
 mirror="${K8SHELL_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
-packages="bash,sudo,git,curl,ca-certificates,procps,locales,less,vim-tiny"
+# openssh-client: ssh-add and git over SSH with a forwarded agent; rsync:
+# `rsync -e ssh` from a laptop; python3: what most projects script with.
+packages="bash,sudo,git,curl,ca-certificates,procps,locales,less,vim-tiny,openssh-client,rsync,python3"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "k8shell: building $image (debootstrap $suite)" >&2

@@ -244,10 +244,17 @@ impl Sessions {
             Some(size) => checked_size(size)?,
             None => (24, 80),
         };
-        let argv: Vec<String> = if start.argv.is_empty() {
-            vec![account.shell.display().to_string(), "-l".into()]
-        } else {
-            start.argv.clone()
+        let argv: Vec<String> = match (start.argv.is_empty(), start.command.is_empty()) {
+            (true, true) => vec![account.shell.display().to_string(), "-l".into()],
+            (true, false) => vec![
+                account.shell.display().to_string(),
+                "-c".into(),
+                start.command.clone(),
+            ],
+            (false, true) => start.argv.clone(),
+            (false, false) => {
+                return Err(Status::invalid_argument("give argv or command, not both"));
+            }
         };
         let term = if start.term.is_empty() {
             "xterm-256color"

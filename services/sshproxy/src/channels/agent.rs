@@ -1,0 +1,104 @@
+//! ssh-agent forwarding (`ssh -A`): k8shelld listens on a unix socket in
+//! the workspace for as long as the session channel lives; each connection
+//! to it becomes an `auth-agent@openssh.com` channel to the client, whose
+//! agent answers. The session gets `SSH_AUTH_SOCK`.
+
+use std::sync::Arc;
+
+use k8shell_proto::k8shelld::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::channels::forward::{open_stream, splice};
+use crate::daemon::DaemonClient;
+use crate::handler::Conn;
+
+/// The socket path for `channel` of `conn` (in the workspace's /tmp, in a
+/// directory only the workspace user can enter).
+pub fn socket_path(conn: &Conn, channel: russh::ChannelId) -> String {
+    let short = conn.id.trim_start_matches("ses_");
+    let short = &short[short.len().saturating_sub(12)..];
+    format!("/tmp/k8shell-ssh-{short}/agent.{channel}")
+}
+
+/// Listens at `path` until `stop`; forwards each connection to the
+/// client's agent. Returns once the listener is up (or failed).
+pub async fn listen(
+    conn: Arc<Conn>,
+    client: DaemonClient,
+    path: String,
+    user: String,
+    stop: CancellationToken,
+) -> Result<(), String> {
+    let mut accepted = client
+        .client
+        .clone()
+        .unix_socket_listen(client.request(pb::UnixSocketListenRequest {
+            path: path.clone(),
+            user,
+        }))
+        .await
+        .map_err(|status| status.message().to_owned())?
+        .into_inner();
+    // The first message says the socket listens.
+    match accepted.message().await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err("k8shelld closed the agent listener".to_owned()),
+        Err(status) => return Err(status.message().to_owned()),
+    }
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = accepted.message() => next,
+            };
+            let Ok(Some(connection)) = next else {
+                return;
+            };
+            let conn = Arc::clone(&conn);
+            let daemon = client.client.clone();
+            let request = client.request(());
+            tokio::spawn(async move {
+                let Some(handle) = conn.handle().cloned() else {
+                    return;
+                };
+                let channel = match handle.channel_open_agent().await {
+                    Ok(channel) => channel,
+                    Err(error) => {
+                        tracing::info!(session = %conn.id, %error, "the client refused an agent channel");
+                        return;
+                    }
+                };
+                let first = pb::UnixSocketAcceptRequest {
+                    msg: Some(pb::unix_socket_accept_request::Msg::ConnectionId(
+                        connection.connection_id,
+                    )),
+                };
+                let (requests, stream) = open_stream(first);
+                let mut call = tonic::Request::new(stream);
+                *call.metadata_mut() = request.metadata().clone();
+                let responses = match daemon.clone().unix_socket_accept(call).await {
+                    Ok(responses) => responses.into_inner(),
+                    Err(status) => {
+                        tracing::info!(session = %conn.id, error = %status.message(), "agent connection lost");
+                        return;
+                    }
+                };
+                splice(
+                    &conn,
+                    channel.into_stream(),
+                    requests,
+                    |data| pb::UnixSocketAcceptRequest {
+                        msg: Some(pb::unix_socket_accept_request::Msg::Data(data.to_vec())),
+                    },
+                    Some(pb::UnixSocketAcceptRequest {
+                        msg: Some(pb::unix_socket_accept_request::Msg::CloseWrite(true)),
+                    }),
+                    responses,
+                    |r: pb::UnixSocketData| r.data,
+                )
+                .await;
+            });
+        }
+    });
+    Ok(())
+}

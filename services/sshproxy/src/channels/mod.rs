@@ -1,0 +1,5 @@
+//! One task per SSH channel.
+
+pub mod agent;
+pub mod forward;
+pub mod session;

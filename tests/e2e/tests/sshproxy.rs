@@ -1,0 +1,594 @@
+//! The SSH proxy end to end: Debian's OpenSSH clients (ssh, scp, sftp,
+//! rsync, ssh-agent) against the whole platform as `k8shell up` starts it,
+//! with real podman workspaces, identity, authz and the provisioner.
+
+// Test helpers panic on failure by design.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8shell_proto::identity::v1 as identity;
+use k8shell_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use k8shell_proto::provisioner::v1 as provisioner;
+use k8shell_proto::provisioner::v1::provisioner_service_client::ProvisionerServiceClient;
+use k8shell_testkit::TestPlatform;
+use tokio::process::Command;
+
+/// A user with a key pair and an ssh_config pointing at the proxy.
+struct SshUser {
+    dir: tempfile::TempDir,
+}
+
+impl SshUser {
+    fn key(&self) -> PathBuf {
+        self.dir.path().join("id_ed25519")
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("ssh_config")
+    }
+
+    /// `ssh -F <config> <args>`.
+    fn ssh(&self) -> Command {
+        let mut command = Command::new("ssh");
+        command.arg("-F").arg(self.config());
+        command
+    }
+
+    fn tool(&self, program: &str) -> Command {
+        let mut command = Command::new(program);
+        command.arg("-F").arg(self.config());
+        command
+    }
+}
+
+async fn identity_client(
+    platform: &TestPlatform,
+) -> IdentityServiceClient<tonic::transport::Channel> {
+    IdentityServiceClient::connect(platform.url("identity", "grpc"))
+        .await
+        .unwrap()
+}
+
+/// Creates `name` (password `correct horse`) with a fresh ed25519 key.
+async fn user(platform: &TestPlatform, name: &str) -> SshUser {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let mut identity = identity_client(platform).await;
+    identity
+        .create_user(identity::CreateUserRequest {
+            username: name.into(),
+            password: "correct horse".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    identity
+        .add_ssh_key(identity::AddSshKeyRequest {
+            username: name.into(),
+            public_key: public.trim().into(),
+        })
+        .await
+        .unwrap();
+    let ssh = platform.platform().listener("sshproxy", "ssh").unwrap();
+    std::fs::write(
+        dir.path().join("ssh_config"),
+        format!(
+            "Host proxy\n  HostName 127.0.0.1\n  Port {port}\n  User {name}~dev\n  IdentityFile {key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile {known}\n  BatchMode yes\n  LogLevel ERROR\n  ConnectTimeout 10\n",
+            port = ssh.port(),
+            key = key.display(),
+            known = dir.path().join("known_hosts").display(),
+        ),
+    )
+    .unwrap();
+    SshUser { dir }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn check(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed ({:?}):\nstdout: {}\nstderr: {}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+async fn run(command: &mut Command) -> Output {
+    tokio::time::timeout(Duration::from_secs(240), command.output())
+        .await
+        .expect("the command did not finish in 4 minutes")
+        .unwrap()
+}
+
+async fn run_with_input(command: &mut Command, input: &[u8]) -> Output {
+    use tokio::io::AsyncWriteExt as _;
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).await.unwrap();
+    drop(stdin);
+    tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+        .await
+        .expect("the command did not finish in 4 minutes")
+        .unwrap()
+}
+
+async fn events(platform: &TestPlatform, subject: &str) -> async_nats::Subscriber {
+    let state = k8shell_platform::PlatformState::read(platform.dir())
+        .unwrap()
+        .unwrap();
+    let nats = async_nats::connect(state.nats_url).await.unwrap();
+    nats.subscribe(subject.to_owned()).await.unwrap()
+}
+
+async fn next_event(events: &mut async_nats::Subscriber, event_type: &str) -> serde_json::Value {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let message = events.next().await.unwrap();
+            let envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            if envelope["type"] == event_type {
+                return envelope;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {event_type} event"))
+}
+
+#[tokio::test]
+async fn openssh_clients_work_through_the_proxy() {
+    let platform = TestPlatform::start_with_workspaces().await.unwrap();
+    let alice = user(&platform, "alice").await;
+    let mut sessions = events(&platform, "k8shell.evt.session.>").await;
+
+    // Exec with exit code and stderr; the first connection cold-starts the
+    // workspace and shows the progress on stderr.
+    let output = run(alice
+        .ssh()
+        .args(["proxy", "echo out; echo err >&2; exit 3"]))
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "out\n");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("err"), "{stderr}");
+    assert!(stderr.contains("k8shell: workspace alice-"), "{stderr}");
+
+    let started = next_event(&mut sessions, "k8shell.session.started.v1").await;
+    assert_eq!(started["data"]["username"], "alice");
+    assert_eq!(started["data"]["auth_method"], "publickey");
+    assert!(
+        started["data"]["client_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("SSH-2.0-OpenSSH"),
+        "{started}"
+    );
+    let ended = next_event(&mut sessions, "k8shell.session.ended.v1").await;
+    assert_eq!(ended["data"]["channels"]["exec"], 1);
+    assert!(ended["data"]["bytes_out"].as_u64().unwrap() >= 4);
+
+    // An interactive shell on a PTY, scripted through `ssh -tt`.
+    let output = run_with_input(
+        alice.ssh().args(["-tt", "proxy"]),
+        b"echo \"tty=$(tty)\"; stty size; exit 5\n",
+    )
+    .await;
+    let stdout = text(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(5),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    assert!(stdout.contains("tty=/dev/pts/"), "{stdout}");
+
+    // scp (SFTP mode) up and down, sftp -b, rsync -e ssh.
+    let local = alice.dir.path().join("upload.bin");
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&local, &payload).unwrap();
+    let output = run(alice.tool("scp").arg(&local).arg("proxy:upload.bin")).await;
+    check(&output, "scp upload");
+    let back = alice.dir.path().join("back.bin");
+    let output = run(alice.tool("scp").arg("proxy:upload.bin").arg(&back)).await;
+    check(&output, "scp download");
+    assert_eq!(std::fs::read(&back).unwrap(), payload);
+
+    let batch = alice.dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        "mkdir dir\nput upload.bin dir/copy.bin\nls -l dir\nrm dir/copy.bin\nrmdir dir\n",
+    )
+    .unwrap();
+    let output = run(alice
+        .tool("sftp")
+        .arg("-b")
+        .arg(&batch)
+        .arg("proxy")
+        .current_dir(alice.dir.path()))
+    .await;
+    check(&output, "sftp -b");
+    assert!(
+        text(&output.stdout).contains("copy.bin"),
+        "{}",
+        text(&output.stdout)
+    );
+
+    let tree = alice.dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("sub/a.txt"), "rsync me\n").unwrap();
+    let output = run(Command::new("rsync")
+        .arg("-a")
+        .arg("-e")
+        .arg(format!("ssh -F {}", alice.config().display()))
+        .arg(format!("{}/", tree.display()))
+        .arg("proxy:tree/"))
+    .await;
+    check(&output, "rsync -e ssh");
+    let output = run(alice.ssh().args(["proxy", "cat tree/sub/a.txt"])).await;
+    assert_eq!(text(&output.stdout), "rsync me\n");
+
+    // A b64- user string reaches the same workspace.
+    let encoded = base64_url("alice~dev");
+    let output = run(alice
+        .ssh()
+        .arg("-l")
+        .arg(format!("b64-{encoded}"))
+        .args(["proxy", "cat tree/sub/a.txt"]))
+    .await;
+    check(&output, "b64 user string");
+    assert_eq!(text(&output.stdout), "rsync me\n");
+
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn forwards_agent_and_policy_through_the_proxy() {
+    let platform = TestPlatform::start_with_workspaces().await.unwrap();
+    let alice = user(&platform, "alice").await;
+
+    // An HTTP server in the workspace, reached with -L and with -W.
+    let mut server = alice
+        .ssh()
+        .args([
+            "proxy",
+            "mkdir -p www && echo hello-from-workspace > www/index.html && cd www && exec python3 -m http.server 8000 --bind 127.0.0.1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let port = free_port();
+    let mut forward = alice
+        .ssh()
+        .args([
+            "-N",
+            "-L",
+            &format!("127.0.0.1:{port}:127.0.0.1:8000"),
+            "proxy",
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let body = http_get_eventually(port).await;
+    assert!(body.contains("hello-from-workspace"), "{body}");
+    forward.kill().await.unwrap();
+
+    let output = run_with_input(
+        alice.ssh().args(["-W", "127.0.0.1:8000", "proxy"]),
+        b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(
+        text(&output.stdout).contains("hello-from-workspace"),
+        "{}\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+
+    // Policy: forwarding beyond the workspace's loopback is refused, with
+    // the reason.
+    let output = run_with_input(alice.ssh().args(["-W", "10.0.0.5:22", "proxy"]), b"").await;
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("forwarding to 10.0.0.5 is not allowed"),
+        "{stderr}"
+    );
+    server.kill().await.unwrap();
+
+    // Agent forwarding: the key of a local agent is listed inside.
+    let agent_dir = tempfile::tempdir().unwrap();
+    let socket = agent_dir.path().join("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_path(&socket).await;
+    let output = run(Command::new("ssh-add")
+        .arg(alice.key())
+        .env("SSH_AUTH_SOCK", &socket))
+    .await;
+    check(&output, "ssh-add");
+    let output = run(alice
+        .ssh()
+        .args(["-A", "proxy", "ssh-add -l; echo \"sock=$SSH_AUTH_SOCK\""])
+        .env("SSH_AUTH_SOCK", &socket))
+    .await;
+    check(&output, "ssh -A");
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("ED25519"), "{stdout}");
+    assert!(stdout.contains("sock=/tmp/k8shell-ssh-"), "{stdout}");
+    agent.kill().await.unwrap();
+
+    platform.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn logins_certificates_cold_start_and_refusals() {
+    let platform = TestPlatform::start_with_workspaces().await.unwrap();
+    let alice = user(&platform, "alice").await;
+    let bob = user(&platform, "bob").await;
+    let mut identity = identity_client(&platform).await;
+
+    // Certificate login: a certificate from identity's user CA, with no
+    // registered key behind it.
+    let login = identity
+        .password_login(identity::PasswordLoginRequest {
+            username: "alice".into(),
+            password: "correct horse".into(),
+            source: "127.0.0.1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let other_key = alice.dir.path().join("id_cert");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other_key)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let certificate = identity
+        .issue_ssh_certificate(identity::IssueSshCertificateRequest {
+            token: login.token.clone(),
+            public_key: std::fs::read_to_string(other_key.with_extension("pub"))
+                .unwrap()
+                .trim()
+                .into(),
+            valid_seconds: 600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cert_path = alice.dir.path().join("id_cert-cert.pub");
+    std::fs::write(&cert_path, format!("{}\n", certificate.certificate)).unwrap();
+    let output = run(alice
+        .ssh()
+        .args(["-o", "IdentityFile=none", "-i"])
+        .arg(&other_key)
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert_path.display()))
+        .args(["proxy", "id -un"]))
+    .await;
+    check(&output, "certificate login");
+
+    // Cold start from stopped: the next connection starts it again.
+    let mut provisioner = ProvisionerServiceClient::connect(platform.url("provisioner", "grpc"))
+        .await
+        .unwrap();
+    let workspaces = provisioner
+        .list_workspaces(provisioner::ListWorkspacesRequest {
+            username: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workspaces;
+    let workspace = workspaces.first().unwrap().id.clone();
+    provisioner
+        .stop_workspace(provisioner::StopWorkspaceRequest {
+            id: workspace.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_for_state(
+        &mut provisioner,
+        &workspace,
+        provisioner::WorkspaceState::Stopped,
+    )
+    .await;
+    let output = run(alice.ssh().args(["proxy", "echo back"])).await;
+    check(&output, "cold start");
+    assert_eq!(text(&output.stdout), "back\n");
+    assert!(
+        text(&output.stderr).contains("is provisioning")
+            || text(&output.stderr).contains("is requested"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    // Another user's workspace: refused with the reason.
+    let output = run(bob
+        .ssh()
+        .arg("-l")
+        .arg(format!("bob~ws={workspace}"))
+        .args(["proxy", "true"]))
+    .await;
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("permission denied"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    // A bad user string says what is wrong.
+    let output = run(alice.ssh().args(["-l", "Alice~", "proxy", "true"])).await;
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("bad user string"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    // Repeated bad passwords: each is an ssh.auth_failed event.
+    let mut failures = events(&platform, "k8shell.evt.ssh.>").await;
+    let askpass = alice.dir.path().join("askpass");
+    std::fs::write(&askpass, "#!/bin/sh\necho wrong-password\n").unwrap();
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let output = run(alice
+        .ssh()
+        .args([
+            "-o",
+            "BatchMode=no",
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password",
+            "-o",
+            "NumberOfPasswordPrompts=3",
+            "proxy",
+            "true",
+        ])
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", ":0")
+        .stdin(std::process::Stdio::null()))
+    .await;
+    assert!(!output.status.success());
+    for _ in 0..3 {
+        let failed = next_event(&mut failures, "k8shell.ssh.auth_failed.v1").await;
+        assert_eq!(failed["data"]["method"], "password");
+        assert_eq!(failed["data"]["source"], "127.0.0.1");
+        assert_eq!(failed["data"]["username"], "alice~dev");
+    }
+
+    // The right password works (keyboard-interactive as well).
+    std::fs::write(&askpass, "#!/bin/sh\necho 'correct horse'\n").unwrap();
+    for method in ["password", "keyboard-interactive"] {
+        let output = run(alice
+            .ssh()
+            .args([
+                "-o",
+                "BatchMode=no",
+                "-o",
+                "PubkeyAuthentication=no",
+                "-o",
+                &format!("PreferredAuthentications={method}"),
+                "proxy",
+                "echo in",
+            ])
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(std::process::Stdio::null()))
+        .await;
+        check(&output, method);
+        assert_eq!(text(&output.stdout), "in\n");
+    }
+
+    platform.stop().await.unwrap();
+}
+
+async fn wait_for_state(
+    provisioner: &mut ProvisionerServiceClient<tonic::transport::Channel>,
+    id: &str,
+    state: provisioner::WorkspaceState,
+) {
+    for _ in 0..240 {
+        let workspace = provisioner
+            .get_workspace(provisioner::GetWorkspaceRequest {
+                id: id.into(),
+                min_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if workspace.state() == state {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("workspace {id} never reached {state:?}");
+}
+
+fn base64_url(text: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        let digits = chunk.len() + 1;
+        for i in 0..digits {
+            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_get_eventually(port: u16) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    for _ in 0..240 {
+        if let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let _ = stream
+                .write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await;
+            let mut body = String::new();
+            let _ = stream.read_to_string(&mut body).await;
+            if body.contains("200") {
+                return body;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("nothing answered on the forwarded port {port}");
+}
+
+async fn wait_for_path(path: &Path) {
+    for _ in 0..100 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never appeared", path.display());
+}
