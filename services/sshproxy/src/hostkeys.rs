@@ -114,8 +114,7 @@ fn generate(kind: KeyKind) -> Result<PrivateKey, HostKeyError> {
         ),
         KeyKind::Rsa3072 => (
             "rsa",
-            russh::keys::ssh_key::private::RsaKeypair::random(&mut rng, 3072)
-                .map(PrivateKey::from),
+            russh::keys::ssh_key::private::RsaKeypair::random(&mut rng, 3072).map(PrivateKey::from),
         ),
     };
     result.map_err(|e| HostKeyError::Generate {

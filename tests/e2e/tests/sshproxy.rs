@@ -17,9 +17,43 @@ use k8shell_proto::provisioner::v1::provisioner_service_client::ProvisionerServi
 use k8shell_testkit::TestPlatform;
 use tokio::process::Command;
 
-/// A user with a key pair and an ssh_config pointing at the proxy.
+/// A user with a key pair and an ssh_config pointing at the proxy. Its
+/// name is unique to the run (workspace and podman pod names derive from
+/// it, tests run side by side, and a failed run's pods must not get in the
+/// next one's way); its pods and volumes go when it drops.
 struct SshUser {
     dir: tempfile::TempDir,
+    name: String,
+}
+
+impl Drop for SshUser {
+    fn drop(&mut self) {
+        let podman = |args: &[&str]| {
+            std::process::Command::new("podman")
+                .args(args)
+                .env("CONTAINERS_CONF", k8shell_testkit::containers_conf())
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let prefix = format!("^{}-", self.name);
+        for pod in podman(&["pod", "ls", "-q", "--filter", &format!("name={prefix}")]).lines() {
+            podman(&["pod", "rm", "-f", pod]);
+        }
+        for volume in podman(&["volume", "ls", "-q", "--filter", &format!("name={prefix}")]).lines()
+        {
+            podman(&["volume", "rm", "-f", volume]);
+        }
+    }
+}
+
+/// `<base><6 hex digits>`: a user name no other run uses.
+fn unique(base: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{base}{:06x}", (nanos ^ std::process::id()) & 0xff_ffff)
 }
 
 impl SshUser {
@@ -53,8 +87,10 @@ async fn identity_client(
         .unwrap()
 }
 
-/// Creates `name` (password `correct horse`) with a fresh ed25519 key.
-async fn user(platform: &TestPlatform, name: &str) -> SshUser {
+/// Creates a user named `base` + a unique suffix (password `correct
+/// horse`) with a fresh ed25519 key.
+async fn user(platform: &TestPlatform, base: &str) -> SshUser {
+    let name = &unique(base);
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("id_ed25519");
     let status = std::process::Command::new("ssh-keygen")
@@ -91,7 +127,10 @@ async fn user(platform: &TestPlatform, name: &str) -> SshUser {
         ),
     )
     .unwrap();
-    SshUser { dir }
+    SshUser {
+        dir,
+        name: name.clone(),
+    }
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -169,10 +208,13 @@ async fn openssh_clients_work_through_the_proxy() {
     assert_eq!(text(&output.stdout), "out\n");
     let stderr = text(&output.stderr);
     assert!(stderr.contains("err"), "{stderr}");
-    assert!(stderr.contains("k8shell: workspace alice-"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("k8shell: workspace {}-", alice.name)),
+        "{stderr}"
+    );
 
     let started = next_event(&mut sessions, "k8shell.session.started.v1").await;
-    assert_eq!(started["data"]["username"], "alice");
+    assert_eq!(started["data"]["username"], alice.name.as_str());
     assert_eq!(started["data"]["auth_method"], "publickey");
     assert!(
         started["data"]["client_version"]
@@ -246,7 +288,7 @@ async fn openssh_clients_work_through_the_proxy() {
     assert_eq!(text(&output.stdout), "rsync me\n");
 
     // A b64- user string reaches the same workspace.
-    let encoded = base64_url("alice~dev");
+    let encoded = base64_url(&format!("{}~dev", alice.name));
     let output = run(alice
         .ssh()
         .arg("-l")
@@ -262,7 +304,9 @@ async fn openssh_clients_work_through_the_proxy() {
 #[tokio::test]
 async fn forwards_agent_and_policy_through_the_proxy() {
     let platform = TestPlatform::start_with_workspaces().await.unwrap();
-    let alice = user(&platform, "alice").await;
+    // Each test its own user: workspace (and podman pod) names derive from
+    // the user and blueprint, and the tests run side by side.
+    let alice = user(&platform, "erin").await;
 
     // An HTTP server in the workspace, reached with -L and with -W.
     let mut server = alice
@@ -306,7 +350,14 @@ async fn forwards_agent_and_policy_through_the_proxy() {
 
     // Policy: forwarding beyond the workspace's loopback is refused, with
     // the reason.
-    let output = run_with_input(alice.ssh().args(["-W", "10.0.0.5:22", "proxy"]), b"").await;
+    // (OpenSSH prints a channel's open-failure reason at INFO.)
+    let output = run_with_input(
+        alice
+            .ssh()
+            .args(["-o", "LogLevel=INFO", "-W", "10.0.0.5:22", "proxy"]),
+        b"",
+    )
+    .await;
     assert!(!output.status.success());
     let stderr = text(&output.stderr);
     assert!(
@@ -349,7 +400,7 @@ async fn forwards_agent_and_policy_through_the_proxy() {
 #[tokio::test]
 async fn logins_certificates_cold_start_and_refusals() {
     let platform = TestPlatform::start_with_workspaces().await.unwrap();
-    let alice = user(&platform, "alice").await;
+    let alice = user(&platform, "frank").await;
     let bob = user(&platform, "bob").await;
     let mut identity = identity_client(&platform).await;
 
@@ -357,7 +408,7 @@ async fn logins_certificates_cold_start_and_refusals() {
     // registered key behind it.
     let login = identity
         .password_login(identity::PasswordLoginRequest {
-            username: "alice".into(),
+            username: alice.name.clone(),
             password: "correct horse".into(),
             source: "127.0.0.1".into(),
         })
@@ -401,7 +452,7 @@ async fn logins_certificates_cold_start_and_refusals() {
         .unwrap();
     let workspaces = provisioner
         .list_workspaces(provisioner::ListWorkspacesRequest {
-            username: "alice".into(),
+            username: alice.name.clone(),
             ..Default::default()
         })
         .await
@@ -436,7 +487,7 @@ async fn logins_certificates_cold_start_and_refusals() {
     let output = run(bob
         .ssh()
         .arg("-l")
-        .arg(format!("bob~ws={workspace}"))
+        .arg(format!("{}~ws={workspace}", bob.name))
         .args(["proxy", "true"]))
     .await;
     assert!(!output.status.success());
@@ -447,7 +498,7 @@ async fn logins_certificates_cold_start_and_refusals() {
     );
 
     // A bad user string says what is wrong.
-    let output = run(alice.ssh().args(["-l", "Alice~", "proxy", "true"])).await;
+    let output = run(alice.ssh().args(["-l", "Frank~", "proxy", "true"])).await;
     assert!(!output.status.success());
     assert!(
         text(&output.stderr).contains("bad user string"),
@@ -488,7 +539,7 @@ async fn logins_certificates_cold_start_and_refusals() {
         let failed = next_event(&mut failures, "k8shell.ssh.auth_failed.v1").await;
         assert_eq!(failed["data"]["method"], "password");
         assert_eq!(failed["data"]["source"], "127.0.0.1");
-        assert_eq!(failed["data"]["username"], "alice~dev");
+        assert_eq!(failed["data"]["username"], format!("{}~dev", alice.name));
     }
 
     // The right password works (keyboard-interactive as well).

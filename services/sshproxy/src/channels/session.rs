@@ -96,10 +96,12 @@ pub async fn run(conn: Arc<Conn>, channel: Channel<Msg>, _slot: ChannelSlot) {
                 row_height,
                 ..
             } => {
+                // Clients without a terminal (`ssh -tt` from a script) say
+                // 0x0; the program gets the classic 80x24 instead.
                 pty = Some(Pty {
                     term,
-                    cols: col_width,
-                    rows: row_height,
+                    cols: or_default(col_width, 80),
+                    rows: or_default(row_height, 24),
                 });
                 reply(&conn, id, true).await;
             }
@@ -126,8 +128,13 @@ pub async fn run(conn: Arc<Conn>, channel: Channel<Msg>, _slot: ChannelSlot) {
                 if let Some(recorder) = &recorder {
                     recorder.resize(col_width, row_height).await;
                 }
-                if let Some(input) = &input {
-                    let _ = input.send(Input::Resize(col_width, row_height)).await;
+                if let Some(input) = &input
+                    && col_width > 0
+                    && row_height > 0
+                {
+                    let _ = input
+                        .send(Input::Resize(col_width.min(1000), row_height.min(1000)))
+                        .await;
                 }
             }
             ChannelMsg::Signal { signal } => {
@@ -205,6 +212,10 @@ async fn reply(conn: &Conn, id: ChannelId, success: bool) {
             handle.channel_failure(id).await
         };
     }
+}
+
+fn or_default(size: u32, default: u32) -> u32 {
+    if size == 0 { default } else { size.min(1000) }
 }
 
 /// Whether a client may set `name` (`SendEnv` / `SetEnv`).
@@ -416,16 +427,20 @@ impl Start {
         Some((sender, recorder))
     }
 
-    /// Tells the client why, fails the request, closes the channel.
+    /// Tells the client why and ends the channel with exit status 1.
+    ///
+    /// The request itself succeeds: OpenSSH's client exits at once on a
+    /// failed `shell`/`exec` request, before it prints what the channel
+    /// said, so a failure reply would hide the reason.
     async fn refuse(
         &self,
         stderr: &mut (impl AsyncWrite + Unpin),
         writer: &ChannelWriteHalf<Msg>,
         message: &str,
     ) {
+        reply(&self.conn, self.id, true).await;
         let _ = stderr.write_all(message.as_bytes()).await;
         let _ = stderr.flush().await;
-        reply(&self.conn, self.id, false).await;
         let _ = writer.exit_status(1).await;
         let _ = writer.eof().await;
         let _ = writer.close().await;
