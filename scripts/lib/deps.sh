@@ -8,7 +8,8 @@ K8SHELL_APT_PACKAGES=(
   postgresql       # projections (a private cluster is started per platform/test)
   podman runc      # local workspace runtime
   catatonit        # init of podman pods' infra container (kube play)
-  openssh-client   # SSH end-to-end tests
+  openssh-client   # SSH end-to-end tests (ssh, scp, sftp, ssh-agent, ssh-keygen)
+  rsync            # `rsync -e ssh` through the SSH proxy, in the same tests
   busybox-static   # a workspace image without libc, for k8shelld end-to-end tests
   debootstrap      # builds the Debian workspace image locally
   procps           # top, for the terminal reattach test

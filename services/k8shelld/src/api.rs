@@ -135,6 +135,18 @@ impl K8shelld for Api {
         Ok(Response::new(stream))
     }
 
+    type TcpListenStream = unix::TcpAcceptedStream;
+
+    async fn tcp_listen(
+        &self,
+        request: Request<pb::TcpListenRequest>,
+    ) -> Result<Response<Self::TcpListenStream>, Status> {
+        caller(&request)?;
+        let stream =
+            unix::tcp_listen(request.into_inner(), self.pending_connections.clone()).await?;
+        Ok(Response::new(stream))
+    }
+
     type WatchPortsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::PortsChange, Status>>;
 
     async fn list_ports(

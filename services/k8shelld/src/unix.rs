@@ -1,9 +1,10 @@
-//! Unix socket forwarding in both directions.
+//! Unix socket forwarding in both directions, and loopback TCP listeners
+//! (`ssh -R`).
 //!
 //! Dialing is a plain byte stream. Listening needs two RPCs because gRPC has
-//! no server-initiated streams: `UnixSocketListen` reports each accepted
-//! connection by id, and the caller opens `UnixSocketAccept` to carry it.
-//! Unclaimed connections are dropped after 10 s.
+//! no server-initiated streams: `UnixSocketListen` / `TcpListen` report each
+//! accepted connection by id, and the caller opens `UnixSocketAccept` to
+//! carry it. Unclaimed connections are dropped after 10 s.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -29,10 +30,35 @@ pub type DataStream = tokio_stream::wrappers::ReceiverStream<Result<pb::UnixSock
 pub type AcceptedStream =
     tokio_stream::wrappers::ReceiverStream<Result<pb::UnixSocketAccepted, Status>>;
 
+/// A connection accepted by a listener.
+pub enum Accepted {
+    /// On a unix socket (`UnixSocketListen`).
+    Unix(UnixStream),
+    /// On a loopback TCP port (`TcpListen`).
+    Tcp(tokio::net::TcpStream),
+}
+
 /// Accepted connections waiting to be claimed.
 #[derive(Clone, Default)]
 pub struct Pending {
-    connections: Arc<Mutex<HashMap<String, UnixStream>>>,
+    connections: Arc<Mutex<HashMap<String, Accepted>>>,
+}
+
+impl Pending {
+    /// Parks `connection` for [`CLAIM_WITHIN`]; returns its id.
+    fn park(&self, connection: Accepted) -> String {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        lock(&self.connections).insert(id.clone(), connection);
+        let expire = self.clone();
+        let expiring = id.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CLAIM_WITHIN).await;
+            if lock(&expire.connections).remove(&expiring).is_some() {
+                tracing::info!(connection = %expiring, "unclaimed connection dropped");
+            }
+        });
+        id
+    }
 }
 
 fn absolute(path: &str) -> Result<PathBuf, Status> {
@@ -177,16 +203,7 @@ pub fn listen(
                 _ = tx.closed() => break,
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
-                    let id = uuid::Uuid::now_v7().simple().to_string();
-                    lock(&pending.connections).insert(id.clone(), stream);
-                    let expire = pending.clone();
-                    let expiring = id.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(CLAIM_WITHIN).await;
-                        if lock(&expire.connections).remove(&expiring).is_some() {
-                            tracing::info!(connection = %expiring, "unclaimed unix socket connection dropped");
-                        }
-                    });
+                    let id = pending.park(Accepted::Unix(stream));
                     if tx.send(Ok(pb::UnixSocketAccepted { connection_id: id })).await.is_err() {
                         break;
                     }
@@ -211,9 +228,83 @@ pub async fn accept(
             "the first UnixSocketAcceptRequest must be `connection_id`",
         ));
     };
-    let stream = lock(&pending.connections)
+    let connection = lock(&pending.connections)
         .remove(&id)
         .ok_or_else(|| Status::not_found(format!("no pending connection {id}")))?;
-    let (reader, writer) = stream.into_split();
-    Ok(pump(requests, reader, writer, accept_message))
+    Ok(match connection {
+        Accepted::Unix(stream) => {
+            let (reader, writer) = stream.into_split();
+            pump(requests, reader, writer, accept_message)
+        }
+        Accepted::Tcp(stream) => {
+            let (reader, writer) = stream.into_split();
+            pump(requests, reader, writer, accept_message)
+        }
+    })
+}
+
+pub type TcpAcceptedStream =
+    tokio_stream::wrappers::ReceiverStream<Result<pb::TcpAccepted, Status>>;
+
+/// The loopback address `host` names; anything else is refused (a
+/// workspace's listeners stay inside it).
+fn loopback(host: &str) -> Result<std::net::IpAddr, Status> {
+    match host {
+        "" | "localhost" | "127.0.0.1" => Ok(std::net::Ipv4Addr::LOCALHOST.into()),
+        "::1" | "[::1]" => Ok(std::net::Ipv6Addr::LOCALHOST.into()),
+        other => Err(Status::permission_denied(format!(
+            "listening on {other} is not allowed: only the workspace's loopback"
+        ))),
+    }
+}
+
+/// `TcpListen`.
+pub async fn tcp_listen(
+    request: pb::TcpListenRequest,
+    pending: Pending,
+) -> Result<TcpAcceptedStream, Status> {
+    let address = loopback(&request.host)?;
+    let port = u16::try_from(request.port)
+        .map_err(|_| Status::invalid_argument(format!("port {} is out of range", request.port)))?;
+    let listener = tokio::net::TcpListener::bind((address, port))
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                Status::already_exists(format!("{address} port {port} is in use"))
+            }
+            _ => Status::internal(format!("cannot listen on {address} port {port}: {e}")),
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Status::internal(e.to_string()))?
+        .port();
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let first = pb::TcpAccepted {
+            port: u32::from(bound),
+            ..Default::default()
+        };
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = tx.closed() => break,
+                accepted = listener.accept() => {
+                    let Ok((stream, peer)) = accepted else { continue };
+                    let _ = stream.set_nodelay(true);
+                    let id = pending.park(Accepted::Tcp(stream));
+                    let message = pb::TcpAccepted {
+                        connection_id: id,
+                        port: u32::from(bound),
+                        peer: peer.to_string(),
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

@@ -1,7 +1,7 @@
 //! One SSH connection: its state ([`Conn`]) and the russh handler that
 //! authenticates it and hands each channel to its own task.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,6 +62,7 @@ pub struct Conn {
     client_version: OnceLock<String>,
     channel_counts: Mutex<BTreeMap<String, u64>>,
     agent_channels: Mutex<HashSet<ChannelId>>,
+    remote_forwards: Mutex<HashMap<(String, u32), CancellationToken>>,
     timed_out: AtomicBool,
     /// Cancelled when the connection ends: channel tasks stop.
     pub closed: CancellationToken,
@@ -86,6 +87,7 @@ impl Conn {
             client_version: OnceLock::new(),
             channel_counts: Mutex::new(BTreeMap::new()),
             agent_channels: Mutex::new(HashSet::new()),
+            remote_forwards: Mutex::new(HashMap::new()),
             timed_out: AtomicBool::new(false),
             closed: CancellationToken::new(),
         })
@@ -133,6 +135,15 @@ impl Conn {
         self.target()
             .and_then(|t| t.login.clone())
             .unwrap_or_default()
+    }
+
+    /// Active `-R` listeners by (address, bound port).
+    pub fn remote_forwards(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(String, u32), CancellationToken>> {
+        self.remote_forwards
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A timeout closed the connection.
@@ -674,9 +685,30 @@ impl russh::server::Handler for SshHandler {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // Reverse forwards need a listener inside the workspace, which
-        // k8shelld does not offer yet (see docs/architecture.md).
-        tracing::info!(session = %self.conn.id, %address, port = *port, "remote forward refused: not supported yet");
-        Ok(false)
+        let started = tokio::time::timeout(
+            self.conn.shared.config.cold_start_timeout,
+            crate::channels::remote::start(Arc::clone(&self.conn), address.to_owned(), *port),
+        )
+        .await
+        .unwrap_or_else(|_| Err("the workspace did not start in time".to_owned()));
+        match started {
+            Ok(bound) => {
+                *port = bound;
+                Ok(true)
+            }
+            Err(reason) => {
+                tracing::info!(session = %self.conn.id, %address, port = *port, %reason, "remote forward refused");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(crate::channels::remote::cancel(&self.conn, address, port))
     }
 }

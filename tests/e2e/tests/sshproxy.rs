@@ -366,6 +366,27 @@ async fn forwards_agent_and_policy_through_the_proxy() {
     );
     server.kill().await.unwrap();
 
+    // A remote forward: a port in the workspace reaches a server here.
+    let laptop = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let laptop_port = laptop.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt as _;
+        while let Ok((mut stream, _)) = laptop.accept().await {
+            let _ = stream.write_all(b"pong-from-laptop\n").await;
+        }
+    });
+    let output = run(alice.ssh().args([
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-R",
+        &format!("127.0.0.1:9100:127.0.0.1:{laptop_port}"),
+        "proxy",
+        "exec 3<>/dev/tcp/127.0.0.1/9100 && head -1 <&3",
+    ]))
+    .await;
+    check(&output, "ssh -R");
+    assert_eq!(text(&output.stdout), "pong-from-laptop\n");
+
     // Agent forwarding: the key of a local agent is listed inside.
     let agent_dir = tempfile::tempdir().unwrap();
     let socket = agent_dir.path().join("agent.sock");

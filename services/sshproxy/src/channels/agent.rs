@@ -55,8 +55,7 @@ pub async fn listen(
                 return;
             };
             let conn = Arc::clone(&conn);
-            let daemon = client.client.clone();
-            let request = client.request(());
+            let client = client.clone();
             tokio::spawn(async move {
                 let Some(handle) = conn.handle().cloned() else {
                     return;
@@ -74,9 +73,8 @@ pub async fn listen(
                     )),
                 };
                 let (requests, stream) = open_stream(first);
-                let mut call = tonic::Request::new(stream);
-                *call.metadata_mut() = request.metadata().clone();
-                let responses = match daemon.clone().unix_socket_accept(call).await {
+                let call = client.request(stream);
+                let responses = match client.client.clone().unix_socket_accept(call).await {
                     Ok(responses) => responses.into_inner(),
                     Err(status) => {
                         tracing::info!(session = %conn.id, error = %status.message(), "agent connection lost");

@@ -2,4 +2,5 @@
 
 pub mod agent;
 pub mod forward;
+pub mod remote;
 pub mod session;
