@@ -115,6 +115,26 @@ k8shell_test_node_deps() {
   fi
 }
 
+# OpenSSH's sshd: the baseline of the SSH proxy benchmark, started by the
+# benchmark on a loopback port with its own config. Installed without
+# starting the distribution's sshd service (policy-rc.d refuses it).
+k8shell_bench_deps() {
+  if [ -x /usr/sbin/sshd ]; then
+    return
+  fi
+  local policy=/usr/sbin/policy-rc.d created=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | k8shell_as_root tee "$policy" >/dev/null
+    k8shell_as_root chmod 755 "$policy"
+    created=1
+  fi
+  echo "k8shell: installing openssh-server (for the benchmark's baseline)"
+  DEBIAN_FRONTEND=noninteractive k8shell_as_root apt-get install -y -qq --no-install-recommends openssh-server
+  if [ "$created" = 1 ]; then
+    k8shell_as_root rm -f "$policy"
+  fi
+}
+
 # k8shelld runs as PID 1 in images that may have no libc, so it is built
 # statically (glibc with crt-static; only the gnu target is available here).
 # Prints the binary's path.

@@ -23,6 +23,7 @@ mod latency;
 mod rebuild;
 mod report;
 mod setup;
+mod sshproxy;
 mod throughput;
 
 use std::path::PathBuf;
@@ -79,11 +80,19 @@ async fn main() -> anyhow::Result<()> {
         authz_report.push(authz::decisions(if quick { 1_000 } else { 20_000 }).await?);
         authz_report.push(authz::wasm_decisions(if quick { 1_000 } else { 20_000 }).await?);
     }
+    let mut ssh_report = report::Report::new();
+    if runs("sshproxy") {
+        eprintln!("== SSH proxy against OpenSSH's sshd");
+        for section in Box::pin(sshproxy::all(quick)).await? {
+            ssh_report.push(section);
+        }
+    }
     let markdown = report.markdown(&machine);
     println!("{markdown}");
     println!("{}", k8shelld_report.markdown(&machine));
     println!("{}", coldstart_report.markdown(&machine));
     println!("{}", authz_report.markdown(&machine));
+    println!("{}", ssh_report.markdown(&machine));
     if write && !quick {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../docs/benchmarks.md");
         // A section is only rewritten by a run that measured all of it.
@@ -98,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
         }
         if runs("coldstart") {
             report::write_section(&path, "coldstart", &coldstart_report.markdown(&machine))?;
+        }
+        if runs("sshproxy") {
+            report::write_section(&path, "sshproxy", &ssh_report.markdown(&machine))?;
         }
         eprintln!("updated {}", path.display());
     }
