@@ -8,7 +8,7 @@
 //! forwards, agent forwarding. One async task per connection; k8shelld
 //! connections are pooled per workspace.
 
-mod audit;
+pub mod audit;
 mod auth;
 mod backends;
 mod channels;
@@ -16,7 +16,7 @@ mod daemon;
 mod handler;
 pub mod hostkeys;
 pub mod proxy_protocol;
-mod recording;
+pub mod recording;
 mod server;
 mod target;
 
