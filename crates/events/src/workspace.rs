@@ -60,6 +60,10 @@ workspace_event!(
 pub struct WorkspaceRunning {
     /// How the platform reaches k8shelld: `unix:///path` or `https://host:port`.
     pub endpoint: String,
+    /// The blueprint's `splash`, shown when a user logs in (SSH); empty:
+    /// none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub splash: String,
 }
 workspace_event!(
     WorkspaceRunning,

@@ -96,6 +96,7 @@ fn to_proto(workspace: &Workspace) -> pb::Workspace {
         endpoint: workspace.endpoint.clone(),
         stage: workspace.stage.clone(),
         progress_percent: u32::from(workspace.progress),
+        splash: workspace.splash.clone(),
     }
 }
 

@@ -549,9 +549,9 @@ impl Controller {
         };
         let started = Instant::now();
         match self.provision(&workspace).await {
-            Ok(endpoint) => {
+            Ok((endpoint, splash)) => {
                 if self
-                    .record(id, &expected, Outcome::Running { endpoint })
+                    .record(id, &expected, Outcome::Running { endpoint, splash })
                     .await
                 {
                     lock(&self.inner.last_busy).insert(id.to_owned(), SystemTime::now());
@@ -565,7 +565,8 @@ impl Controller {
         }
     }
 
-    async fn provision(&self, workspace: &Workspace) -> Result<String, String> {
+    /// Provisions; returns k8shelld's endpoint and the blueprint's splash.
+    async fn provision(&self, workspace: &Workspace) -> Result<(String, String), String> {
         let id = workspace.id.as_str();
         let spec = self.spec_for(workspace)?;
         // The freshest keys: a workspace must know the current signer.
@@ -631,7 +632,7 @@ impl Controller {
         let _ = recorder.await;
         let endpoint = endpoint?;
         self.wait_for_daemon(id, &endpoint, deadline).await?;
-        Ok(endpoint)
+        Ok((endpoint, spec.splash.clone().unwrap_or_default()))
     }
 
     /// Polls k8shelld until it answers; gives up early when the container

@@ -39,6 +39,7 @@ struct Updates {
     states: Vec<Option<String>>,
     reasons: Vec<Option<String>>,
     endpoints: Vec<Option<String>>,
+    splashes: Vec<Option<String>>,
     stages: Vec<Option<String>>,
     progress: Vec<Option<i16>>,
     sequences: Vec<i64>,
@@ -84,6 +85,7 @@ impl Segment {
                     .push(change.state.map(|s| s.as_str().to_owned()));
                 self.updates.reasons.push(change.reason);
                 self.updates.endpoints.push(change.endpoint);
+                self.updates.splashes.push(change.splash);
                 self.updates.stages.push(change.stage);
                 self.updates.progress.push(change.progress.map(i16::from));
                 self.updates.sequences.push(sequence);
@@ -106,7 +108,7 @@ impl Segment {
                       AS u(id, username, blueprint, seq, t)
                  ON CONFLICT (id) DO UPDATE SET
                    username = EXCLUDED.username, blueprint = EXCLUDED.blueprint,
-                   state = EXCLUDED.state, reason = '', endpoint = '', stage = '', progress = 0,
+                   state = EXCLUDED.state, reason = '', endpoint = '', splash = '', stage = '', progress = 0,
                    created_seq = EXCLUDED.created_seq,
                    version = EXCLUDED.version, created_at = EXCLUDED.created_at,
                    updated_at = EXCLUDED.updated_at
@@ -126,10 +128,11 @@ impl Segment {
                  SET state = COALESCE(u.state, w.state), reason = COALESCE(u.reason, w.reason),
                      endpoint = COALESCE(u.endpoint, w.endpoint), stage = COALESCE(u.stage, w.stage),
                      progress = COALESCE(u.progress, w.progress),
+                     splash = COALESCE(u.splash, w.splash),
                      version = u.seq, updated_at = u.t
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::smallint[], $7::bigint[], $8::timestamptz[])
-                      AS u(id, state, reason, endpoint, stage, progress, seq, t)
+                             $6::smallint[], $7::bigint[], $8::timestamptz[], $9::text[])
+                      AS u(id, state, reason, endpoint, stage, progress, seq, t, splash)
                  WHERE w.id = u.id",
             )
             .bind(&self.updates.ids)
@@ -140,6 +143,7 @@ impl Segment {
             .bind(&self.updates.progress)
             .bind(&self.updates.sequences)
             .bind(&self.updates.times)
+            .bind(&self.updates.splashes)
             .execute(&mut *db)
             .await?;
         }

@@ -16,7 +16,7 @@ pub struct ListFilter {
 }
 
 const COLUMNS: &str = "id, username, blueprint, state, reason, created_seq, version, created_at, \
-                       updated_at, endpoint, stage, progress";
+                       updated_at, endpoint, stage, progress, splash";
 
 fn from_row(row: &sqlx::postgres::PgRow) -> Result<(Workspace, i64), sqlx::Error> {
     let state: String = row.try_get("state")?;
@@ -31,6 +31,7 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(Workspace, i64), sqlx::Error
         updated_at: row.try_get("updated_at")?,
         version: row.try_get::<i64, _>("version")? as u64,
         endpoint: row.try_get("endpoint")?,
+        splash: row.try_get("splash")?,
         stage: row.try_get("stage")?,
         progress: row.try_get::<i16, _>("progress")?.clamp(0, 100) as u8,
         // The read model does not keep these; decisions load the aggregate.

@@ -61,6 +61,8 @@ pub struct Change {
     pub state: Option<State>,
     pub reason: Option<String>,
     pub endpoint: Option<String>,
+    /// Follows the endpoint: set while running, cleared otherwise.
+    pub splash: Option<String>,
     pub stage: Option<String>,
     pub progress: Option<u8>,
 }
@@ -74,6 +76,7 @@ impl Change {
                 state: Some(State::Requested),
                 reason: cleared(),
                 endpoint: cleared(),
+                splash: cleared(),
                 stage: cleared(),
                 progress: Some(0),
             },
@@ -81,6 +84,7 @@ impl Change {
                 state: Some(State::Provisioning),
                 reason: cleared(),
                 endpoint: None,
+                splash: None,
                 stage: Some(e.stage.clone()),
                 progress: Some(e.progress_percent.min(100)),
             },
@@ -88,6 +92,7 @@ impl Change {
                 state: Some(State::Running),
                 reason: cleared(),
                 endpoint: Some(e.endpoint.clone()),
+                splash: Some(e.splash.clone()),
                 stage: Some("Running".to_owned()),
                 progress: Some(100),
             },
@@ -95,6 +100,7 @@ impl Change {
                 state: Some(State::Stopping),
                 reason: Some(e.reason.clone()),
                 endpoint: None,
+                splash: None,
                 stage: cleared(),
                 progress: Some(0),
             },
@@ -102,6 +108,7 @@ impl Change {
                 state: Some(State::Stopped),
                 reason: Some(e.reason.clone()),
                 endpoint: cleared(),
+                splash: cleared(),
                 stage: cleared(),
                 progress: Some(0),
             },
@@ -109,6 +116,7 @@ impl Change {
                 state: Some(State::Failed),
                 reason: Some(e.reason.clone()),
                 endpoint: cleared(),
+                splash: cleared(),
                 stage: cleared(),
                 progress: Some(0),
             },
@@ -116,6 +124,7 @@ impl Change {
                 state: Some(State::Deleted),
                 reason: cleared(),
                 endpoint: cleared(),
+                splash: cleared(),
                 stage: cleared(),
                 progress: Some(0),
             },
@@ -137,6 +146,8 @@ pub struct Workspace {
     pub version: u64,
     /// How k8shelld is reached while running.
     pub endpoint: String,
+    /// The blueprint's splash while running.
+    pub splash: String,
     /// Provisioning stage and progress.
     pub stage: String,
     pub progress: u8,
@@ -178,6 +189,7 @@ impl Aggregate for WorkspaceAggregate {
                     updated_at: stored.envelope.time,
                     version: stored.sequence,
                     endpoint: String::new(),
+                    splash: String::new(),
                     stage: String::new(),
                     progress: 0,
                     metadata: requested.metadata.clone(),
@@ -195,6 +207,9 @@ impl Aggregate for WorkspaceAggregate {
                 }
                 if let Some(endpoint) = change.endpoint {
                     workspace.endpoint = endpoint;
+                }
+                if let Some(splash) = change.splash {
+                    workspace.splash = splash;
                 }
                 if let Some(stage) = change.stage {
                     workspace.stage = stage;
@@ -432,7 +447,7 @@ pub fn decide_outcome(
                 detail,
             },
         )?,
-        Outcome::Running { endpoint } => event(id, &WorkspaceRunning { endpoint })?,
+        Outcome::Running { endpoint, splash } => event(id, &WorkspaceRunning { endpoint, splash })?,
         Outcome::Stopped { reason } => event(id, &WorkspaceStopped { reason })?,
         Outcome::Failed { reason } => event(id, &WorkspaceFailed { reason })?,
         Outcome::IdleWarning {
@@ -459,6 +474,7 @@ pub enum Outcome {
     },
     Running {
         endpoint: String,
+        splash: String,
     },
     Stopped {
         reason: String,
@@ -550,6 +566,7 @@ mod tests {
 
         let running = Outcome::Running {
             endpoint: "unix:///x".into(),
+            splash: String::new(),
         };
         let (events, recorded) =
             decide_outcome(&state, &id, &[State::Provisioning], running.clone()).unwrap();

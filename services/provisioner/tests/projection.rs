@@ -49,6 +49,7 @@ fn history() -> Vec<(StoredEvent, DomainEvent)> {
             "a-1",
             &WorkspaceRunning {
                 endpoint: "unix:///x".into(),
+                splash: "welcome".into(),
             },
         ),
         // A second request for a live workspace changes nothing.

@@ -23,6 +23,8 @@ pub struct Running {
     pub id: String,
     /// How k8shelld is reached.
     pub endpoint: String,
+    /// The blueprint's splash (login banner); empty: none.
+    pub splash: String,
 }
 
 /// Where the workspace is on its way to running.
@@ -229,6 +231,7 @@ async fn ensure_running(
             return Ok(Running {
                 id: workspace.id,
                 endpoint: workspace.endpoint,
+                splash: workspace.splash,
             });
         }
         // One line per visible change (the snapshot of a running workspace

@@ -241,6 +241,11 @@ async fn openssh_clients_work_through_the_proxy() {
         text(&output.stderr)
     );
     assert!(stdout.contains("tty=/dev/pts/"), "{stdout}");
+    // The blueprint's splash greets the interactive login.
+    assert!(
+        stdout.contains(&format!("k8shell workspace {}-", alice.name)),
+        "{stdout}"
+    );
 
     // scp (SFTP mode) up and down, sftp -b, rsync -e ssh.
     let local = alice.dir.path().join("upload.bin");

@@ -417,6 +417,14 @@ impl Start {
             }
         };
         reply(conn, self.id, true).await;
+        // The blueprint's splash greets interactive logins (never a
+        // command's output).
+        if matches!(self.kind, Kind::Shell) && self.pty.is_some() && !running.splash.is_empty() {
+            let mut stdout = writer.make_writer();
+            let splash = running.splash.trim_end().replace('\n', "\r\n");
+            let _ = stdout.write_all(format!("{splash}\r\n").as_bytes()).await;
+            let _ = stdout.flush().await;
+        }
         let pump = Pump {
             conn: Arc::clone(conn),
             id: self.id,
