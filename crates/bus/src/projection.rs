@@ -121,8 +121,24 @@ const OFFSETS_DDL: &str = "CREATE TABLE IF NOT EXISTS projection_offsets (
     updated_at timestamptz NOT NULL DEFAULT now()
 )";
 
-fn consumer_name(projection: &str) -> String {
-    format!("projection-{projection}")
+/// The durable consumer of one runner session: `projection-<name>_<id>`.
+/// Each session makes a fresh one (`_` cannot occur in projection names,
+/// so a name's consumers never match another's): re-creating one name right
+/// after deleting it raced nats-server 2.9 into a half-deleted consumer
+/// that never delivered ("unlinkat …: directory not empty").
+fn session_consumer_name(projection: &str) -> String {
+    // The random tail of a v7 id (its head is the time).
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("projection-{projection}_{}", &id[id.len() - 12..])
+}
+
+/// Whether `consumer` belongs to `projection` (either naming scheme).
+fn is_projection_consumer(consumer: &str, projection: &str) -> bool {
+    let base = format!("projection-{projection}");
+    consumer == base
+        || consumer
+            .strip_prefix(&base)
+            .is_some_and(|rest| rest.starts_with('_'))
 }
 
 fn valid_name(name: &str) -> bool {
@@ -220,25 +236,35 @@ pub async fn rebuild_projection(
     Ok(())
 }
 
+/// Deletes every consumer of `projection` (sessions of killed runners
+/// included); a consumer already gone is fine.
 async fn delete_consumer(
     js: &jetstream::Context,
     context: Context,
     projection: &str,
 ) -> Result<(), async_nats::Error> {
     let stream = js.get_stream_no_info(stream_name(context)).await?;
-    match stream.delete_consumer(&consumer_name(projection)).await {
-        Ok(_) => Ok(()),
-        Err(error)
-            if matches!(
-                error.kind(),
-                async_nats::jetstream::stream::ConsumerErrorKind::JetStream(ref e)
-                    if e.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND
-            ) =>
-        {
-            Ok(())
+    let mut names = Vec::new();
+    let mut listing = stream.consumer_names();
+    while let Some(name) = listing.next().await {
+        let name = name?;
+        if is_projection_consumer(&name, projection) {
+            names.push(name);
         }
-        Err(error) => Err(error.into()),
     }
+    for name in names {
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {}
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    async_nats::jetstream::stream::ConsumerErrorKind::JetStream(ref e)
+                        if e.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                ) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Callback told whether the runner is keeping up (`Ok`) or stuck (`Err` with why).
@@ -426,10 +452,13 @@ impl ProjectionRunner {
             .jetstream()
             .get_stream_no_info(stream_name(context))
             .await?;
-        let durable = consumer_name(name);
-        delete_consumer(self.bus.jetstream(), context, name)
-            .await
-            .map_err(anyhow_like::Error::boxed)?;
+        let durable = session_consumer_name(name);
+        // The previous sessions' consumers go; one that cannot be deleted
+        // now (a server error) no longer blocks this session, and the
+        // server drops it once inactive.
+        if let Err(error) = delete_consumer(self.bus.jetstream(), context, name).await {
+            tracing::warn!(projection = name, %error, "cannot delete an old consumer; going on");
+        }
         let config = consumer::pull::Config {
             durable_name: Some(durable),
             description: Some(format!("k8shell projection {name}")),
@@ -443,6 +472,9 @@ impl ProjectionRunner {
             ack_policy: consumer::AckPolicy::All,
             ack_wait: Duration::from_secs(60),
             max_ack_pending: 20_000,
+            // Abandoned sessions' consumers (a killed process, a failed
+            // delete) are removed by the server.
+            inactive_threshold: Duration::from_secs(600),
             filter_subject: context.wildcard_subject(),
             ..Default::default()
         };
@@ -619,5 +651,30 @@ mod anyhow_like {
         fn from(error: E) -> Self {
             Self(Box::new(error))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumers_belong_to_their_projection_only() {
+        let session = session_consumer_name("workspaces");
+        assert!(is_projection_consumer(&session, "workspaces"));
+        assert!(is_projection_consumer(
+            "projection-workspaces",
+            "workspaces"
+        ));
+        // A projection whose name extends another's is not its consumer.
+        assert!(!is_projection_consumer(
+            "projection-workspaces-2_abc",
+            "workspaces"
+        ));
+        assert!(!is_projection_consumer(
+            "projection-workspaces-2",
+            "workspaces"
+        ));
+        assert_ne!(session, session_consumer_name("workspaces"));
     }
 }

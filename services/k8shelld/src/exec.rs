@@ -31,17 +31,7 @@ pub async fn exec(
         ));
     };
     let account = users::resolve(&start.user, default_user)?;
-    let argv: Vec<String> = match (start.argv.is_empty(), start.command.is_empty()) {
-        // Nothing to run: the login shell reading stdin, as `ssh -T` gets.
-        (true, true) => vec![account.shell.display().to_string(), "-l".into()],
-        (true, false) => vec![
-            account.shell.display().to_string(),
-            "-c".into(),
-            start.command.clone(),
-        ],
-        (false, true) => start.argv.clone(),
-        (false, false) => return Err(Status::invalid_argument("give argv or command, not both")),
-    };
+    let argv = account.program(&start.argv, &start.command)?;
     let Some((program, args)) = argv.split_first() else {
         return Err(Status::invalid_argument("argv must not be empty"));
     };

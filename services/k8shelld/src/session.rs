@@ -244,18 +244,7 @@ impl Sessions {
             Some(size) => checked_size(size)?,
             None => (24, 80),
         };
-        let argv: Vec<String> = match (start.argv.is_empty(), start.command.is_empty()) {
-            (true, true) => vec![account.shell.display().to_string(), "-l".into()],
-            (true, false) => vec![
-                account.shell.display().to_string(),
-                "-c".into(),
-                start.command.clone(),
-            ],
-            (false, true) => start.argv.clone(),
-            (false, false) => {
-                return Err(Status::invalid_argument("give argv or command, not both"));
-            }
-        };
+        let argv = account.program(&start.argv, &start.command)?;
         let term = if start.term.is_empty() {
             "xterm-256color"
         } else {

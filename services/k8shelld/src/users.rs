@@ -15,6 +15,21 @@ pub struct Account {
     pub shell: PathBuf,
 }
 
+impl Account {
+    /// What to run for a start request: its `argv`, or its `command` for
+    /// the login shell (`<shell> -c <command>`, as sshd does), or neither:
+    /// the login shell itself (`-l`). Both at once is an error.
+    pub fn program(&self, argv: &[String], command: &str) -> Result<Vec<String>, Status> {
+        let shell = self.shell.display().to_string();
+        match (argv.is_empty(), command.is_empty()) {
+            (true, true) => Ok(vec![shell, "-l".into()]),
+            (true, false) => Ok(vec![shell, "-c".into(), command.to_owned()]),
+            (false, true) => Ok(argv.to_vec()),
+            (false, false) => Err(Status::invalid_argument("give argv or command, not both")),
+        }
+    }
+}
+
 /// An entry of /etc/passwd.
 ///
 /// Read directly rather than through getpwnam: k8shelld is a static binary
@@ -97,6 +112,24 @@ pub fn current_user_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn programs_come_from_argv_a_command_or_the_login_shell() {
+        let account = Account {
+            name: "alice".into(),
+            uid: Uid::from_raw(1000),
+            gid: Gid::from_raw(1000),
+            home: "/home/alice".into(),
+            shell: "/bin/bash".into(),
+        };
+        assert_eq!(account.program(&[], "").unwrap(), ["/bin/bash", "-l"]);
+        assert_eq!(
+            account.program(&[], "echo hi").unwrap(),
+            ["/bin/bash", "-c", "echo hi"]
+        );
+        assert_eq!(account.program(&["ls".into()], "").unwrap(), ["ls"]);
+        assert!(account.program(&["ls".into()], "true").is_err());
+    }
 
     #[test]
     fn parses_passwd_lines() {

@@ -352,6 +352,33 @@ impl SshHandler {
         }
     }
 
+    /// A public key or certificate login: `line` is its OpenSSH form (the
+    /// client proved it holds the private key).
+    async fn key_login(
+        &mut self,
+        user: &str,
+        line: Result<String, String>,
+        method: &'static str,
+    ) -> Auth {
+        let Some(target) = self.target(user).await else {
+            return Auth::reject();
+        };
+        let result = match line {
+            Ok(line) => {
+                auth::public_key(
+                    &self.conn.shared.backends,
+                    &target.username,
+                    line,
+                    &self.source(),
+                    method,
+                )
+                .await
+            }
+            Err(reason) => Err(LoginFailure::Refused(reason)),
+        };
+        self.finish(user, "publickey", result).await
+    }
+
     fn source(&self) -> String {
         self.conn.client.ip().to_string()
     }
@@ -385,25 +412,11 @@ impl russh::server::Handler for SshHandler {
         user: &str,
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let Some(target) = self.target(user).await else {
-            return Ok(Auth::reject());
-        };
-        let line = match key.public_key.to_openssh() {
-            Ok(line) => line,
-            Err(error) => {
-                let result = Err(LoginFailure::Refused(format!("unusable key: {error}")));
-                return Ok(self.finish(user, "publickey", result).await);
-            }
-        };
-        let result = auth::public_key(
-            &self.conn.shared.backends,
-            &target.username,
-            line,
-            &self.source(),
-            "publickey",
-        )
-        .await;
-        Ok(self.finish(user, "publickey", result).await)
+        let line = key
+            .public_key
+            .to_openssh()
+            .map_err(|e| format!("unusable key: {e}"));
+        Ok(self.key_login(user, line, "publickey").await)
     }
 
     async fn auth_openssh_certificate(
@@ -411,27 +424,10 @@ impl russh::server::Handler for SshHandler {
         user: &str,
         certificate: &ssh_key::Certificate,
     ) -> Result<Auth, Self::Error> {
-        let Some(target) = self.target(user).await else {
-            return Ok(Auth::reject());
-        };
-        let line = match certificate.to_openssh() {
-            Ok(line) => line,
-            Err(error) => {
-                let result = Err(LoginFailure::Refused(format!(
-                    "unusable certificate: {error}"
-                )));
-                return Ok(self.finish(user, "publickey", result).await);
-            }
-        };
-        let result = auth::public_key(
-            &self.conn.shared.backends,
-            &target.username,
-            line,
-            &self.source(),
-            "certificate",
-        )
-        .await;
-        Ok(self.finish(user, "publickey", result).await)
+        let line = certificate
+            .to_openssh()
+            .map_err(|e| format!("unusable certificate: {e}"));
+        Ok(self.key_login(user, line, "certificate").await)
     }
 
     async fn auth_keyboard_interactive<'a>(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use k8shell_proto::k8shelld::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use crate::channels::forward::{open_stream, splice};
+use crate::channels::forward::splice_accepted;
 use crate::daemon::DaemonClient;
 use crate::handler::Conn;
 
@@ -67,34 +67,7 @@ pub async fn listen(
                         return;
                     }
                 };
-                let first = pb::UnixSocketAcceptRequest {
-                    msg: Some(pb::unix_socket_accept_request::Msg::ConnectionId(
-                        connection.connection_id,
-                    )),
-                };
-                let (requests, stream) = open_stream(first);
-                let call = client.request(stream);
-                let responses = match client.client.clone().unix_socket_accept(call).await {
-                    Ok(responses) => responses.into_inner(),
-                    Err(status) => {
-                        tracing::info!(session = %conn.id, error = %status.message(), "agent connection lost");
-                        return;
-                    }
-                };
-                splice(
-                    &conn,
-                    channel.into_stream(),
-                    requests,
-                    |data| pb::UnixSocketAcceptRequest {
-                        msg: Some(pb::unix_socket_accept_request::Msg::Data(data.to_vec())),
-                    },
-                    Some(pb::UnixSocketAcceptRequest {
-                        msg: Some(pb::unix_socket_accept_request::Msg::CloseWrite(true)),
-                    }),
-                    responses,
-                    |r: pb::UnixSocketData| r.data,
-                )
-                .await;
+                splice_accepted(&conn, &client, channel, connection.connection_id).await;
             });
         }
     });

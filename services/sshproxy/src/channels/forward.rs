@@ -272,3 +272,45 @@ pub async fn splice<Req, Resp>(
         _ = downstream => {}
     }
 }
+
+/// Claims connection `connection_id` (accepted by k8shelld's
+/// `UnixSocketListen` or `TcpListen`) and splices it onto `channel`.
+pub async fn splice_accepted(
+    conn: &Conn,
+    client: &crate::daemon::DaemonClient,
+    channel: Channel<Msg>,
+    connection_id: String,
+) {
+    let first = pb::UnixSocketAcceptRequest {
+        msg: Some(pb::unix_socket_accept_request::Msg::ConnectionId(
+            connection_id,
+        )),
+    };
+    let (requests, stream) = open_stream(first);
+    let responses = match client
+        .client
+        .clone()
+        .unix_socket_accept(client.request(stream))
+        .await
+    {
+        Ok(responses) => responses.into_inner(),
+        Err(status) => {
+            tracing::info!(session = %conn.id, error = %status.message(), "a forwarded connection was lost");
+            return;
+        }
+    };
+    splice(
+        conn,
+        channel.into_stream(),
+        requests,
+        |data| pb::UnixSocketAcceptRequest {
+            msg: Some(pb::unix_socket_accept_request::Msg::Data(data.to_vec())),
+        },
+        Some(pb::UnixSocketAcceptRequest {
+            msg: Some(pb::unix_socket_accept_request::Msg::CloseWrite(true)),
+        }),
+        responses,
+        |r: pb::UnixSocketData| r.data,
+    )
+    .await;
+}
