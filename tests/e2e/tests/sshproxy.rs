@@ -392,6 +392,32 @@ async fn forwards_agent_and_policy_through_the_proxy() {
     check(&output, "ssh -R");
     assert_eq!(text(&output.stdout), "pong-from-laptop\n");
 
+    // A unix socket in the workspace, forwarded to one here
+    // (direct-streamlocal@openssh.com).
+    let mut socket_server = alice
+        .ssh()
+        .args([
+            "proxy",
+            "exec python3 -c \"import os, socket; p = '/tmp/echo.sock'; os.path.exists(p) and os.remove(p); s = socket.socket(socket.AF_UNIX); s.bind(p); s.listen(); c, _ = s.accept(); c.sendall(b'unix-hello\\n'); c.close()\"",
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let local_socket = alice.dir.path().join("forwarded.sock");
+    let mut socket_forward = alice
+        .ssh()
+        .arg("-N")
+        .arg("-L")
+        .arg(format!("{}:/tmp/echo.sock", local_socket.display()))
+        .arg("proxy")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let greeting = unix_read_eventually(&local_socket).await;
+    assert_eq!(greeting, "unix-hello\n");
+    socket_forward.kill().await.unwrap();
+    let _ = socket_server.kill().await;
+
     // Agent forwarding: the key of a local agent is listed inside.
     let agent_dir = tempfile::tempdir().unwrap();
     let socket = agent_dir.path().join("agent.sock");
@@ -660,6 +686,23 @@ async fn http_get_eventually(port: u16) -> String {
     panic!("nothing answered on the forwarded port {port}");
 }
 
+/// Reads what the server behind a forwarded unix socket says, retrying
+/// while the forward or the server is still starting.
+async fn unix_read_eventually(path: &Path) -> String {
+    use tokio::io::AsyncReadExt as _;
+    for _ in 0..240 {
+        if let Ok(mut stream) = tokio::net::UnixStream::connect(path).await {
+            let mut text = String::new();
+            let _ = stream.read_to_string(&mut text).await;
+            if !text.is_empty() {
+                return text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("nothing answered on {}", path.display());
+}
+
 async fn wait_for_path(path: &Path) {
     for _ in 0..100 {
         if path.exists() {
@@ -668,4 +711,85 @@ async fn wait_for_path(path: &Path) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{} never appeared", path.display());
+}
+
+/// Behind a load balancer: with `proxy_protocol` on, the address in the
+/// PROXY header is the client's (events carry it), and a connection
+/// without a header is refused.
+#[tokio::test]
+async fn proxy_protocol_headers_name_the_client() {
+    let platform = TestPlatform::start_with_workspaces().await.unwrap();
+    let alice = user(&platform, "gina").await;
+    let state = k8shell_platform::PlatformState::read(platform.dir())
+        .unwrap()
+        .unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let shutdown = k8shell_service::Shutdown::new();
+    let behind_balancer = k8shell_sshproxy::start(
+        k8shell_sshproxy::Config {
+            ssh_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            bus: k8shell_bus::BusConfig {
+                url: state.nats_url.clone(),
+                ..Default::default()
+            },
+            identity_url: platform.url("identity", "grpc"),
+            authz_url: platform.url("authz", "grpc"),
+            provisioner_url: platform.url("provisioner", "grpc"),
+            host_key_dir: keys.path().to_owned(),
+            proxy_protocol: true,
+            ..Default::default()
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let port = behind_balancer.listener("ssh").unwrap().port();
+    // The balancer: a PROXY v1 header, then the bytes both ways.
+    let balancer = alice.dir.path().join("balancer.py");
+    std::fs::write(
+        &balancer,
+        format!(
+            "import socket, sys, threading\n\
+             s = socket.create_connection(('127.0.0.1', {port}))\n\
+             s.sendall(b'PROXY TCP4 192.0.2.7 127.0.0.1 50000 22\\r\\n')\n\
+             def up():\n\
+             \x20   while True:\n\
+             \x20       d = sys.stdin.buffer.read1(65536)\n\
+             \x20       if not d:\n\
+             \x20           s.shutdown(socket.SHUT_WR)\n\
+             \x20           return\n\
+             \x20       s.sendall(d)\n\
+             threading.Thread(target=up, daemon=True).start()\n\
+             while True:\n\
+             \x20   d = s.recv(65536)\n\
+             \x20   if not d:\n\
+             \x20       break\n\
+             \x20   sys.stdout.buffer.write(d)\n\
+             \x20   sys.stdout.buffer.flush()\n"
+        ),
+    )
+    .unwrap();
+    let mut sessions = events(&platform, "k8shell.evt.session.>").await;
+    let output = run(alice.ssh().args([
+        "-o",
+        &format!("ProxyCommand=python3 {}", balancer.display()),
+        "proxy",
+        "echo through-the-balancer",
+    ]))
+    .await;
+    check(&output, "ssh through the balancer");
+    assert_eq!(text(&output.stdout), "through-the-balancer\n");
+    let started = next_event(&mut sessions, "k8shell.session.started.v1").await;
+    assert_eq!(started["data"]["client_address"], "192.0.2.7");
+
+    // Straight in, without a header: refused.
+    let output = run(alice
+        .ssh()
+        .args(["-o", &format!("Port={port}"), "proxy", "true"]))
+    .await;
+    assert!(!output.status.success());
+    shutdown.trigger();
+    behind_balancer.task.await.unwrap().unwrap();
+    platform.stop().await.unwrap();
 }
