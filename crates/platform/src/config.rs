@@ -85,6 +85,27 @@ pub struct PlatformConfig {
     pub workspaces: WorkspaceOptions,
     /// Authorization policies (Rego).
     pub policies_dir: PathBuf,
+    /// Lifetimes of identity's user and workspace tokens.
+    pub token_ttls: TokenTtls,
+}
+
+/// How long identity's tokens live.
+#[derive(Clone, Debug)]
+pub struct TokenTtls {
+    /// User tokens (logins).
+    pub user: std::time::Duration,
+    /// Workspace-audience tokens (k8shelld calls).
+    pub workspace: std::time::Duration,
+}
+
+impl Default for TokenTtls {
+    fn default() -> Self {
+        let identity = k8shell_identity::Config::default();
+        Self {
+            user: identity.user_token_ttl,
+            workspace: identity.workspace_token_ttl,
+        }
+    }
 }
 
 /// `$K8SHELL_POLICIES_DIR`, else `./policies` in a checkout, else
@@ -159,6 +180,7 @@ impl PlatformConfig {
             durability: Durability::Durable,
             workspaces: WorkspaceOptions::detect(&std::collections::HashMap::new()),
             policies_dir: default_policies_dir(&std::collections::HashMap::new()),
+            token_ttls: TokenTtls::default(),
         }
     }
 }

@@ -16,7 +16,9 @@ use k8shell_bus::BusConfig;
 use k8shell_embedded::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions};
 use k8shell_service::{RunningService, Shutdown};
 
-pub use config::{PlatformConfig, Ports, WorkspaceOptions, default_data_dir, default_policies_dir};
+pub use config::{
+    PlatformConfig, Ports, TokenTtls, WorkspaceOptions, default_data_dir, default_policies_dir,
+};
 pub use state::{PlatformState, ServiceState};
 pub use status::{ServiceHealth, probe_services};
 
@@ -129,6 +131,8 @@ impl Platform {
                 bus: bus.clone(),
                 database_url: database_url.to_owned(),
                 state_dir: config.data_dir.join("identity"),
+                user_token_ttl: config.token_ttls.user,
+                workspace_token_ttl: config.token_ttls.workspace,
                 ..Default::default()
             },
             child(),

@@ -13,7 +13,7 @@ pub struct TestPlatform {
 impl TestPlatform {
     /// Starts the platform with private servers.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_with_urls(None, None).await
+        Box::pin(Self::start_with_urls(None, None)).await
     }
 
     /// Starts the platform on the given NATS and PostgreSQL (as `k8shell up`
@@ -22,20 +22,29 @@ impl TestPlatform {
         nats_url: Option<String>,
         database_url: Option<String>,
     ) -> anyhow::Result<Self> {
-        Self::start_inner(nats_url, database_url, false).await
+        Box::pin(Self::start_inner(nats_url, database_url, false, |_| {})).await
     }
 
     /// Starts the platform with private servers and podman workspaces
     /// that really run (the static k8shelld and the Debian image that
     /// `./scripts/test` builds; no network).
     pub async fn start_with_workspaces() -> anyhow::Result<Self> {
-        Self::start_inner(None, None, true).await
+        Box::pin(Self::start_inner(None, None, true, |_| {})).await
+    }
+
+    /// As [`TestPlatform::start_with_workspaces`], with `configure`
+    /// changing the configuration last (e.g. short token lifetimes).
+    pub async fn start_with_workspaces_and(
+        configure: impl FnOnce(&mut PlatformConfig),
+    ) -> anyhow::Result<Self> {
+        Box::pin(Self::start_inner(None, None, true, configure)).await
     }
 
     async fn start_inner(
         nats_url: Option<String>,
         database_url: Option<String>,
         workspaces: bool,
+        configure: impl FnOnce(&mut PlatformConfig),
     ) -> anyhow::Result<Self> {
         crate::init_tracing();
         let dir = tempfile::Builder::new()
@@ -65,6 +74,7 @@ impl TestPlatform {
         config.durability = Durability::Ephemeral;
         config.nats_url = nats_url;
         config.database_url = database_url;
+        configure(&mut config);
         let platform = Platform::start(config, Shutdown::new()).await?;
         Ok(Self {
             platform: Some(platform),

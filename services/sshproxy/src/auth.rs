@@ -22,6 +22,11 @@ pub struct Login {
     /// `publickey`, `certificate`, `password`, `keyboard-interactive`,
     /// `oidc-device`.
     pub method: &'static str,
+    /// When `token` expires.
+    pub expires_at: Option<std::time::SystemTime>,
+    /// The key or certificate line the user proved to hold: the proxy logs
+    /// in again with it when the token runs out during a long session.
+    pub proven_key: Option<String>,
 }
 
 impl Login {
@@ -32,6 +37,10 @@ impl Login {
             token: response.token,
             roles: user.roles,
             method,
+            expires_at: response
+                .expires_at
+                .and_then(|t| std::time::SystemTime::try_from(t).ok()),
+            proven_key: None,
         })
     }
 
@@ -109,14 +118,16 @@ pub async fn public_key(
         .clone()
         .public_key_login(pb::PublicKeyLoginRequest {
             username: username.to_owned(),
-            public_key: line,
+            public_key: line.clone(),
             source: source.to_owned(),
         })
         .await
         .map_err(failure)?
         .into_inner();
-    Login::from_response(response, method)
-        .ok_or_else(|| LoginFailure::Unavailable("identity returned no user".to_owned()))
+    let mut login = Login::from_response(response, method)
+        .ok_or_else(|| LoginFailure::Unavailable("identity returned no user".to_owned()))?;
+    login.proven_key = Some(line);
+    Ok(login)
 }
 
 /// Whether identity knows `username` (keyboard-interactive offers the

@@ -57,6 +57,8 @@ pub struct Conn {
     open_channels: AtomicUsize,
     target: OnceLock<(String, UserString)>,
     login: OnceLock<Login>,
+    /// The current user token and its expiry (renewed in long sessions).
+    token: Mutex<(String, Option<std::time::SystemTime>)>,
     session: OnceLock<Admitted>,
     handle: OnceLock<russh::server::Handle>,
     client_version: OnceLock<String>,
@@ -82,6 +84,7 @@ impl Conn {
             open_channels: AtomicUsize::new(0),
             target: OnceLock::new(),
             login: OnceLock::new(),
+            token: Mutex::new((String::new(), None)),
             session: OnceLock::new(),
             handle: OnceLock::new(),
             client_version: OnceLock::new(),
@@ -123,6 +126,63 @@ impl Conn {
                     .get()
                     .and_then(|(_, target)| target.workspace.clone())
             })
+    }
+
+    /// A user token valid for at least another minute: the login's, or,
+    /// once that runs out in a long session, a fresh one from logging in
+    /// again with the key or certificate the client proved to hold.
+    /// Password and OIDC logins cannot be renewed: identity then refuses
+    /// new workspace tokens with the reason.
+    pub async fn user_token(&self) -> Result<String, String> {
+        let login = self.login().ok_or("not logged in")?;
+        let fresh_until = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        let current = self
+            .token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if current.1.is_none_or(|expiry| expiry > fresh_until) {
+            return Ok(current.0);
+        }
+        let Some(line) = &login.proven_key else {
+            return Ok(current.0);
+        };
+        let renewed = auth::public_key(
+            &self.shared.backends,
+            &login.username,
+            line.clone(),
+            &self.client.ip().to_string(),
+            login.method,
+        )
+        .await
+        .map_err(|e| format!("cannot renew the login: {e}"))?;
+        tracing::info!(session = %self.id, user = %login.username, "user token renewed");
+        *self
+            .token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            (renewed.token.clone(), renewed.expires_at);
+        Ok(renewed.token)
+    }
+
+    /// A client of the workspace's k8shelld acting for the user.
+    pub async fn daemon(
+        &self,
+        running: &crate::target::Running,
+    ) -> Result<crate::daemon::DaemonClient, String> {
+        let username = self.login().ok_or("not logged in")?.username.clone();
+        let token = self.user_token().await?;
+        self.shared
+            .daemons
+            .client(
+                &self.shared.backends,
+                &running.id,
+                &running.endpoint,
+                &username,
+                &token,
+            )
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// The parsed user string.
@@ -340,6 +400,12 @@ impl SshHandler {
         self.conn.auth_attempts.fetch_add(1, Ordering::SeqCst);
         match result {
             Ok(login) => {
+                *self
+                    .conn
+                    .token
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    (login.token.clone(), login.expires_at);
                 let _ = self.conn.login.set(login);
                 Auth::Accept
             }

@@ -793,3 +793,58 @@ async fn proxy_protocol_headers_name_the_client() {
     behind_balancer.task.await.unwrap().unwrap();
     platform.stop().await.unwrap();
 }
+
+/// A session outliving its user token: the proxy logs in again with the
+/// key the client proved to hold, so new channels keep working.
+#[tokio::test]
+async fn long_sessions_renew_the_login() {
+    let platform = TestPlatform::start_with_workspaces_and(|config| {
+        // Both lifetimes shorter than the renewal margin: every channel
+        // needs a fresh workspace token, and the login's token is gone
+        // after a few seconds.
+        config.token_ttls = k8shell_platform::TokenTtls {
+            user: Duration::from_secs(4),
+            workspace: Duration::from_secs(4),
+        };
+    })
+    .await
+    .unwrap();
+    let alice = user(&platform, "hana").await;
+    // One connection, a first channel, a pause past the token's life, then
+    // more channels on the same connection (a control master multiplexes
+    // them, as VS Code does).
+    let control = alice.dir.path().join("control");
+    let master = |extra: &[&str]| {
+        let mut command = alice.ssh();
+        command
+            .arg("-o")
+            .arg(format!("ControlPath={}", control.display()))
+            .args(extra);
+        command
+    };
+    let output = run(&mut master(&[
+        "-o",
+        "ControlMaster=yes",
+        "-o",
+        "ControlPersist=60",
+        "proxy",
+        "echo first",
+    ]))
+    .await;
+    check(&output, "first channel");
+    // identity accepts a token up to 30 s past its expiry (clock skew).
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    for round in 0..2 {
+        let output = run(&mut master(&[
+            "-o",
+            "ControlMaster=no",
+            "proxy",
+            "echo again",
+        ]))
+        .await;
+        check(&output, &format!("channel {round} after the token expired"));
+        assert_eq!(text(&output.stdout), "again\n");
+    }
+    let _ = run(&mut master(&["-O", "exit", "proxy"])).await;
+    platform.stop().await.unwrap();
+}

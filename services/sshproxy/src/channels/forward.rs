@@ -97,28 +97,11 @@ pub async fn run(
             return;
         }
     };
-    let Some(login) = conn.login() else {
-        return;
-    };
-    let client = match conn
-        .shared
-        .daemons
-        .client(
-            &conn.shared.backends,
-            &running.id,
-            &running.endpoint,
-            &login.username,
-            &login.token,
-        )
-        .await
-    {
+    let client = match conn.daemon(&running).await {
         Ok(client) => client,
-        Err(error) => {
+        Err(reason) => {
             reply
-                .reject(ChannelOpenFailure::Other {
-                    code: 2,
-                    reason: error.to_string(),
-                })
+                .reject(ChannelOpenFailure::Other { code: 2, reason })
                 .await;
             return;
         }

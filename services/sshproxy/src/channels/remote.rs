@@ -29,19 +29,7 @@ pub async fn start(conn: Arc<Conn>, address: String, port: u32) -> Result<u32, S
     }
     let session = conn.session().ok_or("not logged in")?;
     let running = session.gate.wait(|_| {}).await?;
-    let login = conn.login().ok_or("not logged in")?;
-    let client = conn
-        .shared
-        .daemons
-        .client(
-            &conn.shared.backends,
-            &running.id,
-            &running.endpoint,
-            &login.username,
-            &login.token,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = conn.daemon(&running).await?;
     let mut accepted = client
         .client
         .clone()

@@ -322,18 +322,7 @@ impl Start {
             }
         };
         let login = conn.login()?;
-        let client = match conn
-            .shared
-            .daemons
-            .client(
-                &conn.shared.backends,
-                &running.id,
-                &running.endpoint,
-                &login.username,
-                &login.token,
-            )
-            .await
-        {
+        let client = match conn.daemon(&running).await {
             Ok(client) => client,
             Err(error) => {
                 self.refuse(&mut stderr, &writer, &format!("k8shell: {error}{newline}"))
