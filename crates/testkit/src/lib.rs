@@ -24,7 +24,7 @@ pub use exec::{ExecOutput, exec};
 pub use oidc::{Journey, OidcBrowser, TestOidcProvider};
 pub use pki::{TestPki, test_pki};
 pub use platform::TestPlatform;
-pub use provisioner::{TestProvisioner, containers_conf, repo_root};
+pub use provisioner::{TestProvisioner, containers_conf, remove_workspaces_of, repo_root};
 pub use sftp::sftp_session;
 
 pub use tokens::{TokenIssuer, bearer, unix_channel};

@@ -47,6 +47,28 @@ pub fn k8shelld_static() -> anyhow::Result<PathBuf> {
         })
 }
 
+/// Removes the podman pods and volumes of `username`'s workspaces
+/// (`<username>-…`), e.g. left by an earlier run that failed half-way: a
+/// pod of the same name from another platform is not one this platform can
+/// start.
+pub fn remove_workspaces_of(username: &str) {
+    let podman = |args: &[&str]| {
+        std::process::Command::new("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", containers_conf())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let filter = format!("name=^{username}-");
+    for pod in podman(&["pod", "ls", "-q", "--filter", &filter]).lines() {
+        podman(&["pod", "rm", "-f", pod]);
+    }
+    for volume in podman(&["volume", "ls", "-q", "--filter", &filter]).lines() {
+        podman(&["volume", "rm", "-f", volume]);
+    }
+}
+
 /// Fails unless the Debian workspace image exists.
 pub fn require_image() -> anyhow::Result<()> {
     let image = std::process::Command::new("podman")

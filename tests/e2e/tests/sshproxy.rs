@@ -28,22 +28,7 @@ struct SshUser {
 
 impl Drop for SshUser {
     fn drop(&mut self) {
-        let podman = |args: &[&str]| {
-            std::process::Command::new("podman")
-                .args(args)
-                .env("CONTAINERS_CONF", k8shell_testkit::containers_conf())
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        };
-        let prefix = format!("^{}-", self.name);
-        for pod in podman(&["pod", "ls", "-q", "--filter", &format!("name={prefix}")]).lines() {
-            podman(&["pod", "rm", "-f", pod]);
-        }
-        for volume in podman(&["volume", "ls", "-q", "--filter", &format!("name={prefix}")]).lines()
-        {
-            podman(&["volume", "rm", "-f", volume]);
-        }
+        k8shell_testkit::remove_workspaces_of(&self.name);
     }
 }
 

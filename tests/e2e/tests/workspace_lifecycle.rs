@@ -48,6 +48,8 @@ struct Harness {
     tokens: std::sync::Arc<WorkspaceTokens>,
     blueprints: PathBuf,
     provisioner: TestProvisioner,
+    /// Users whose leftovers were removed.
+    users: std::collections::HashSet<String>,
 }
 
 impl Harness {
@@ -62,6 +64,7 @@ impl Harness {
             tokens,
             blueprints: provisioner.blueprints.clone(),
             provisioner,
+            users: Default::default(),
         }
     }
 
@@ -69,8 +72,14 @@ impl Harness {
         self.provisioner.stop().await;
     }
 
-    /// Creates (and starts) a workspace and waits until it runs.
+    /// Creates (and starts) a workspace and waits until it runs. The
+    /// first time a user appears, pods and volumes an earlier, failed run
+    /// left under the same names are removed (each user belongs to one
+    /// test; a second workspace of the user must find its retained volumes).
     async fn running(&mut self, username: &str, blueprint: &str) -> pb::Workspace {
+        if self.users.insert(username.to_owned()) {
+            k8shell_testkit::remove_workspaces_of(username);
+        }
         let created = self
             .client
             .create_workspace(pb::CreateWorkspaceRequest {
@@ -408,11 +417,13 @@ async fn two_concurrent_starts_start_once_and_ensure_running_cold_starts() {
         })
         .await
         .unwrap();
+    // Read-your-writes: the projection may still be behind the running
+    // event EnsureRunning reported (it answers from the event stream).
     let still = h
         .client
         .get_workspace(pb::GetWorkspaceRequest {
             id: ws.id.clone(),
-            min_version: 0,
+            min_version: last.version,
         })
         .await
         .unwrap()
@@ -457,15 +468,23 @@ async fn idle_workspaces_are_warned_then_stopped() {
         matches!((warning, stopping), (Some(w), Some(s)) if w < s),
         "a warning comes before the stop: {seen:?}"
     );
-    let workspace = h
-        .client
-        .get_workspace(pb::GetWorkspaceRequest {
-            id: ws.id.clone(),
-            min_version: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // The read model follows the event stream within moments.
+    let mut workspace = pb::Workspace::default();
+    for _ in 0..100 {
+        workspace = h
+            .client
+            .get_workspace(pb::GetWorkspaceRequest {
+                id: ws.id.clone(),
+                min_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if workspace.state() == pb::WorkspaceState::Stopped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(workspace.reason, "idle");
     cleanup(&mut h, &ws.id).await;
     h.stop().await;
