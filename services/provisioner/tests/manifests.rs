@@ -14,7 +14,7 @@ use k8shell_provisioner::runtime::manifests::{
     DaemonTls, render_claims, render_network_policy, render_secret, render_service,
 };
 use k8shell_provisioner::runtime::render::{
-    DaemonAccess, RenderTarget, render_daemon_config, render_pod,
+    DaemonAccess, RenderTarget, render_daemon_config, render_pod, spec_hash,
 };
 
 fn golden_dir() -> PathBuf {
@@ -88,6 +88,28 @@ fn podman_pod() {
     check(
         "k8shelld-podman.toml",
         &render_daemon_config(&spec(), "{\"keys\":[]}", false).unwrap(),
+    );
+}
+
+/// A pod of the same name made by another platform (another state
+/// directory) must not look current: the provisioner would adopt a pod
+/// whose socket it cannot reach.
+#[test]
+fn the_spec_hash_covers_where_the_daemon_is_reached() {
+    let at = |dir: &str| RenderTarget {
+        k8shelld_image: "localhost/k8shell-k8shelld:0123456789ab".into(),
+        access: DaemonAccess::HostDir(dir.into()),
+        restart_policy: "Never",
+        namespace: None,
+    };
+    let spec = spec();
+    assert_eq!(
+        spec_hash(&spec, &at("/a/run")),
+        spec_hash(&spec, &at("/a/run"))
+    );
+    assert_ne!(
+        spec_hash(&spec, &at("/a/run")),
+        spec_hash(&spec, &at("/b/run"))
     );
 }
 

@@ -140,6 +140,10 @@ pub fn spec_hash(spec: &WorkspaceSpec, target: &RenderTarget) -> String {
     hasher.update(serde_json::to_vec(spec).unwrap_or_default());
     hasher.update(target.k8shelld_image.as_bytes());
     hasher.update(target.restart_policy.as_bytes());
+    // Where the config comes from and the socket goes: a pod of the same
+    // name made by another platform (another state directory) is not one
+    // this platform can reach, and must be re-created, not adopted.
+    hasher.update(format!("{:?}", target.access).as_bytes());
     let digest = hasher.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
