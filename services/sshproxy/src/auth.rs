@@ -30,9 +30,14 @@ pub struct Login {
 }
 
 impl Login {
-    fn from_response(response: pb::LoginResponse, method: &'static str) -> Option<Self> {
-        let user = response.user?;
-        Some(Self {
+    fn from_response(
+        response: pb::LoginResponse,
+        method: &'static str,
+    ) -> Result<Self, LoginFailure> {
+        let user = response
+            .user
+            .ok_or_else(|| LoginFailure::Unavailable("identity returned no user".to_owned()))?;
+        Ok(Self {
             username: user.username,
             token: response.token,
             roles: user.roles,
@@ -101,7 +106,6 @@ pub async fn password(
         .map_err(failure)?
         .into_inner();
     Login::from_response(response, method)
-        .ok_or_else(|| LoginFailure::Unavailable("identity returned no user".to_owned()))
 }
 
 /// Public key or certificate login; `line` is the OpenSSH public key or
@@ -124,8 +128,7 @@ pub async fn public_key(
         .await
         .map_err(failure)?
         .into_inner();
-    let mut login = Login::from_response(response, method)
-        .ok_or_else(|| LoginFailure::Unavailable("identity returned no user".to_owned()))?;
+    let mut login = Login::from_response(response, method)?;
     login.proven_key = Some(line);
     Ok(login)
 }
@@ -208,9 +211,7 @@ impl DeviceLogin {
                 .map_err(failure)?;
             match update.and_then(|u| u.update) {
                 Some(pb::oidc_device_login_update::Update::Completed(response)) => {
-                    return Login::from_response(response, "oidc-device").ok_or_else(|| {
-                        LoginFailure::Unavailable("identity returned no user".to_owned())
-                    });
+                    return Login::from_response(response, "oidc-device");
                 }
                 Some(pb::oidc_device_login_update::Update::Prompt(_)) => continue,
                 None => {

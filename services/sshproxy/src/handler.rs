@@ -445,6 +445,27 @@ impl SshHandler {
         self.finish(user, "publickey", result).await
     }
 
+    /// A forward channel (`direct-tcpip`, `direct-streamlocal`) gets its
+    /// own task, which decides and accepts or refuses it.
+    async fn open_forward(
+        &self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        destination: crate::channels::forward::Destination,
+    ) {
+        let Some(slot) = self.conn.channel_slot() else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return;
+        };
+        tokio::spawn(crate::channels::forward::run(
+            Arc::clone(&self.conn),
+            channel,
+            reply,
+            destination,
+            slot,
+        ));
+    }
+
     fn source(&self) -> String {
         self.conn.client.ip().to_string()
     }
@@ -676,22 +697,15 @@ impl russh::server::Handler for SshHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(slot) = self.conn.channel_slot() else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return Ok(());
-        };
-        let conn = Arc::clone(&self.conn);
-        let destination = crate::channels::forward::Destination::Tcp {
-            host: host_to_connect.to_owned(),
-            port: port_to_connect,
-        };
-        tokio::spawn(crate::channels::forward::run(
-            conn,
+        self.open_forward(
             channel,
             reply,
-            destination,
-            slot,
-        ));
+            crate::channels::forward::Destination::Tcp {
+                host: host_to_connect.to_owned(),
+                port: port_to_connect,
+            },
+        )
+        .await;
         Ok(())
     }
 
@@ -702,21 +716,14 @@ impl russh::server::Handler for SshHandler {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(slot) = self.conn.channel_slot() else {
-            reply.reject(ChannelOpenFailure::ResourceShortage).await;
-            return Ok(());
-        };
-        let conn = Arc::clone(&self.conn);
-        let destination = crate::channels::forward::Destination::Unix {
-            path: socket_path.to_owned(),
-        };
-        tokio::spawn(crate::channels::forward::run(
-            conn,
+        self.open_forward(
             channel,
             reply,
-            destination,
-            slot,
-        ));
+            crate::channels::forward::Destination::Unix {
+                path: socket_path.to_owned(),
+            },
+        )
+        .await;
         Ok(())
     }
 

@@ -57,6 +57,20 @@ impl SshUser {
         command
     }
 
+    /// `ssh` logging in with `method` (password or keyboard-interactive),
+    /// whose prompts the `askpass` program answers.
+    fn with_askpass(&self, askpass: &Path, method: &str) -> Command {
+        let mut command = self.ssh();
+        command
+            .args(["-o", "BatchMode=no", "-o", "PubkeyAuthentication=no", "-o"])
+            .arg(format!("PreferredAuthentications={method}"))
+            .env("SSH_ASKPASS", askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(std::process::Stdio::null());
+        command
+    }
+
     fn tool(&self, program: &str) -> Command {
         let mut command = Command::new(program);
         command.arg("-F").arg(self.config());
@@ -552,24 +566,12 @@ async fn logins_certificates_cold_start_and_refusals() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let output = run(alice
-        .ssh()
-        .args([
-            "-o",
-            "BatchMode=no",
-            "-o",
-            "PubkeyAuthentication=no",
-            "-o",
-            "PreferredAuthentications=password",
-            "-o",
-            "NumberOfPasswordPrompts=3",
-            "proxy",
-            "true",
-        ])
-        .env("SSH_ASKPASS", &askpass)
-        .env("SSH_ASKPASS_REQUIRE", "force")
-        .env("DISPLAY", ":0")
-        .stdin(std::process::Stdio::null()))
+    let output = run(alice.with_askpass(&askpass, "password").args([
+        "-o",
+        "NumberOfPasswordPrompts=3",
+        "proxy",
+        "true",
+    ]))
     .await;
     assert!(!output.status.success());
     for _ in 0..3 {
@@ -583,21 +585,8 @@ async fn logins_certificates_cold_start_and_refusals() {
     std::fs::write(&askpass, "#!/bin/sh\necho 'correct horse'\n").unwrap();
     for method in ["password", "keyboard-interactive"] {
         let output = run(alice
-            .ssh()
-            .args([
-                "-o",
-                "BatchMode=no",
-                "-o",
-                "PubkeyAuthentication=no",
-                "-o",
-                &format!("PreferredAuthentications={method}"),
-                "proxy",
-                "echo in",
-            ])
-            .env("SSH_ASKPASS", &askpass)
-            .env("SSH_ASKPASS_REQUIRE", "force")
-            .env("DISPLAY", ":0")
-            .stdin(std::process::Stdio::null()))
+            .with_askpass(&askpass, method)
+            .args(["proxy", "echo in"]))
         .await;
         check(&output, method);
         assert_eq!(text(&output.stdout), "in\n");

@@ -94,6 +94,28 @@ impl Harness {
         self.settle(&id).await
     }
 
+    /// The projection's row once it shows `state` (it follows the event
+    /// stream within moments; the last row read after 2 s otherwise).
+    async fn read_model_at(&mut self, id: &str, state: pb::WorkspaceState) -> pb::Workspace {
+        let mut workspace = pb::Workspace::default();
+        for _ in 0..100 {
+            workspace = self
+                .client
+                .get_workspace(pb::GetWorkspaceRequest {
+                    id: id.to_owned(),
+                    min_version: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if workspace.state() == state {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        workspace
+    }
+
     /// Follows a workspace until it settles; returns it (RUNNING expected).
     async fn settle(&mut self, id: &str) -> pb::Workspace {
         let events = self.events_until_settled(id).await;
@@ -435,23 +457,7 @@ async fn two_concurrent_starts_start_once_and_ensure_running_cold_starts() {
         "{:?}",
         asked.elapsed()
     );
-    // The read model follows within moments.
-    let mut stopped = pb::Workspace::default();
-    for _ in 0..100 {
-        stopped = h
-            .client
-            .get_workspace(pb::GetWorkspaceRequest {
-                id: ws.id.clone(),
-                min_version: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if stopped.state() == pb::WorkspaceState::Stopped {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stopped = h.read_model_at(&ws.id, pb::WorkspaceState::Stopped).await;
     assert_eq!(stopped.reason, "lunch");
     cleanup(&mut h, &ws.id).await;
     h.stop().await;
@@ -468,23 +474,7 @@ async fn idle_workspaces_are_warned_then_stopped() {
         matches!((warning, stopping), (Some(w), Some(s)) if w < s),
         "a warning comes before the stop: {seen:?}"
     );
-    // The read model follows the event stream within moments.
-    let mut workspace = pb::Workspace::default();
-    for _ in 0..100 {
-        workspace = h
-            .client
-            .get_workspace(pb::GetWorkspaceRequest {
-                id: ws.id.clone(),
-                min_version: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if workspace.state() == pb::WorkspaceState::Stopped {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let workspace = h.read_model_at(&ws.id, pb::WorkspaceState::Stopped).await;
     assert_eq!(workspace.reason, "idle");
     cleanup(&mut h, &ws.id).await;
     h.stop().await;
