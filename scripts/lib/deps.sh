@@ -10,6 +10,7 @@ K8SHELL_APT_PACKAGES=(
   catatonit        # init of podman pods' infra container (kube play)
   openssh-client   # SSH end-to-end tests (ssh, scp, sftp, ssh-agent, ssh-keygen)
   rsync            # `rsync -e ssh` through the SSH proxy, in the same tests
+  python3          # the SSH tests' stand-in load balancer (PROXY protocol)
   busybox-static   # a workspace image without libc, for k8shelld end-to-end tests
   debootstrap      # builds the Debian workspace image locally
   procps           # top, for the terminal reattach test
