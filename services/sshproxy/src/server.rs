@@ -121,6 +121,9 @@ impl Server {
             keepalive_max: 3,
             // Keystrokes go out at once.
             nodelay: true,
+            // Clients learn every host key (and later rotations) with
+            // `UpdateHostKeys` (third_party/russh carries this).
+            announce_host_keys: true,
             ..Default::default()
         };
         Self {

@@ -153,6 +153,7 @@ impl Session {
                         .init_compress(self.common.packet_writer.compress());
                 }
                 enc.state = EncryptedState::Authenticated;
+                self.announce_host_keys()?;
                 self.server_read_authenticated(handler, *msg, &mut r).await
             }
             (EncryptedState::Authenticated, Some((msg, mut r))) => {
@@ -861,6 +862,8 @@ mod tests {
             channels: std::collections::HashMap::new(),
             open_global_requests: std::collections::VecDeque::new(),
             kex: SessionKexState::Idle,
+            host_key_algorithm: None,
+            host_keys_announced: false,
         }
     }
 
@@ -1916,6 +1919,30 @@ impl Session {
                             self.request_success();
                         } else {
                             self.request_failure();
+                        }
+                        Ok(())
+                    }
+                    "hostkeys-prove-00@openssh.com" if self.common.config.announce_host_keys => {
+                        let mut blobs = Vec::new();
+                        while !r.is_finished() {
+                            blobs.push(map_err!(Bytes::decode(r))?);
+                        }
+                        match self.prove_host_keys(&blobs) {
+                            Ok(reply) => {
+                                if self.common.wants_reply
+                                    && let Some(ref mut enc) = self.common.encrypted
+                                {
+                                    self.common.wants_reply = false;
+                                    push_packet!(enc.write, {
+                                        enc.write.push(msg::REQUEST_SUCCESS);
+                                        enc.write.extend_from_slice(&reply);
+                                    })
+                                }
+                            }
+                            Err(e) => {
+                                warn!("hostkeys-prove-00@openssh.com refused: {e:?}");
+                                self.request_failure();
+                            }
                         }
                         Ok(())
                     }

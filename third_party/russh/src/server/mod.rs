@@ -60,6 +60,7 @@ mod kex;
 mod session;
 pub use self::session::*;
 mod encrypted;
+mod hostkeys;
 
 /// Configuration of a server.
 pub struct Config {
@@ -99,6 +100,11 @@ pub struct Config {
     pub keepalive_max: usize,
     /// If active, invoke `set_nodelay(true)` on client sockets; disabled by default (i.e. Nagle's algorithm is active).
     pub nodelay: bool,
+    /// Announce every host key in `keys` after authentication
+    /// (`hostkeys-00@openssh.com`) and prove possession of them when asked
+    /// (`hostkeys-prove-00@openssh.com`), as OpenSSH's sshd does, so that
+    /// clients with `UpdateHostKeys` learn added and rotated keys.
+    pub announce_host_keys: bool,
 }
 
 impl Default for Config {
@@ -126,6 +132,7 @@ impl Default for Config {
             keepalive_interval: None,
             keepalive_max: 3,
             nodelay: false,
+            announce_host_keys: false,
         }
     }
 }
@@ -153,6 +160,7 @@ impl Debug for Config {
             .field("inactivity_timeout", &self.inactivity_timeout)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_max", &self.keepalive_max)
+            .field("announce_host_keys", &self.announce_host_keys)
             .finish()
     }
 }
@@ -1126,6 +1134,8 @@ where
         channels: HashMap::new(),
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
+        host_key_algorithm: None,
+        host_keys_announced: false,
     };
 
     session.begin_rekey()?;
@@ -1254,6 +1264,7 @@ async fn reply<H: Handler + Send>(
                 }
                 KexProgress::Done { newkeys, .. } => {
                     debug!("kex impl has completed");
+                    session.host_key_algorithm = Some(newkeys.names.key.clone());
                     session.common.strict_kex =
                         session.common.strict_kex || newkeys.names.strict_kex();
 

@@ -29,6 +29,10 @@ pub struct Session {
     pub(crate) channels: HashMap<ChannelId, ChannelRef>,
     pub(crate) open_global_requests: VecDeque<GlobalRequestResponse>,
     pub(crate) kex: SessionKexState<ServerKex>,
+    /// The host key algorithm of the last key exchange.
+    pub(crate) host_key_algorithm: Option<ssh_key::Algorithm>,
+    /// Whether `hostkeys-00@openssh.com` went out (once per connection).
+    pub(crate) host_keys_announced: bool,
 }
 
 #[derive(Debug)]
@@ -1672,6 +1676,8 @@ mod tests {
             channels: HashMap::new(),
             open_global_requests: VecDeque::new(),
             kex: SessionKexState::Idle,
+            host_key_algorithm: None,
+            host_keys_announced: false,
         }
     }
 
