@@ -23,6 +23,10 @@ pub struct UpArgs {
     /// several platforms on one machine (`k8shell status` finds them).
     #[arg(long)]
     ephemeral_ports: bool,
+    /// OpenID Connect providers and SSH onboarding (TOML; see
+    /// docs/operations.md, "Signing in").
+    #[arg(long, env = "K8SHELL_SIGN_IN")]
+    sign_in: Option<PathBuf>,
 }
 
 pub async fn run(
@@ -46,6 +50,9 @@ pub async fn run(
     config.nats_url = env.get("NATS_URL").filter(|u| !u.is_empty()).cloned();
     config.database_url = env.get("DATABASE_URL").filter(|u| !u.is_empty()).cloned();
     config.bind = args.bind;
+    if let Some(path) = &args.sign_in {
+        config.sign_in = k8shell_platform::SignIn::from_file(path)?;
+    }
     if args.ephemeral_ports {
         config.ports = k8shell_platform::Ports::ephemeral();
     } else {

@@ -265,3 +265,28 @@ fn leftover_servers(data_dir: &Path) -> bool {
             .unwrap_or(false)
     })
 }
+
+#[test]
+fn a_broken_sign_in_file_stops_up_with_the_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let sign_in = dir.path().join("sign-in.toml");
+    std::fs::write(&sign_in, "ssh_onboarding_provider = \"corp\"\n").unwrap();
+    let output = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["up", "--ephemeral-ports", "--sign-in"])
+        .arg(&sign_in)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: ssh_onboarding_provider \"corp\" is not one of the oidc_providers",
+            sign_in.display()
+        )),
+        "{stderr}"
+    );
+    // Nothing was started.
+    assert!(!dir.path().join("data/platform.json").exists());
+}

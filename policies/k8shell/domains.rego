@@ -74,7 +74,9 @@ denials("ssh") := {sprintf("forwarding to %s is not allowed", [host]) |
 
 grants("session") := {"own workspace" | input.action == "session:start"; owns(input.subject, input.resource)} | {"session listing" | input.action == "session:list"}
 
-# Recording: what a blueprint asks for (`record` attribute), else nothing.
+# Recording: what the workspace's blueprint asks for (its `recording`,
+# passed as the `record` attribute), else nothing. To record more (say,
+# every session of contractors), change this rule.
 obligations("session") := {"record": object.get(input.resource.attributes, "record", "none")} if input.action == "session:start"
 
 # Everyone may list sessions; non-admins only see their own.

@@ -87,6 +87,41 @@ pub struct PlatformConfig {
     pub policies_dir: PathBuf,
     /// Lifetimes of identity's user and workspace tokens.
     pub token_ttls: TokenTtls,
+    /// External identity providers and who may onboard through them.
+    pub sign_in: SignIn,
+}
+
+/// How people sign in besides local passwords and keys.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignIn {
+    /// OpenID Connect providers (identity's `oidc_providers`).
+    #[serde(default)]
+    pub oidc_providers: Vec<k8shell_identity::oidc::OidcProviderConfig>,
+    /// The provider SSH users who do not exist yet onboard through with
+    /// the device flow (keyboard-interactive); empty: none.
+    #[serde(default)]
+    pub ssh_onboarding_provider: String,
+}
+
+impl SignIn {
+    /// Reads a sign-in file: TOML with `ssh_onboarding_provider` and
+    /// `[[oidc_providers]]` tables, as in identity's own configuration.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let sign_in: Self =
+            toml::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?;
+        let onboarding = &sign_in.ssh_onboarding_provider;
+        if !onboarding.is_empty() && !sign_in.oidc_providers.iter().any(|p| &p.name == onboarding) {
+            anyhow::bail!(
+                "{}: ssh_onboarding_provider {onboarding:?} is not one of the oidc_providers",
+                path.display()
+            );
+        }
+        Ok(sign_in)
+    }
 }
 
 /// How long identity's tokens live.
@@ -181,6 +216,7 @@ impl PlatformConfig {
             workspaces: WorkspaceOptions::detect(&std::collections::HashMap::new()),
             policies_dir: default_policies_dir(&std::collections::HashMap::new()),
             token_ttls: TokenTtls::default(),
+            sign_in: SignIn::default(),
         }
     }
 }
@@ -200,4 +236,62 @@ pub fn default_data_dir(env: &std::collections::HashMap<String, String>) -> Path
     }
     let home = env.get("HOME").cloned().unwrap_or_else(|| ".".into());
     PathBuf::from(home).join(".local/share/k8shell")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn sign_in(text: &str) -> anyhow::Result<SignIn> {
+        let dir = std::env::temp_dir().join(format!(
+            "k8shell-sign-in-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sign-in.toml");
+        std::fs::write(&path, text).unwrap();
+        let result = SignIn::from_file(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        result
+    }
+
+    const CORP: &str = r#"
+[[oidc_providers]]
+name = "corp"
+issuer = "https://sso.example.com"
+client_id = "k8shell"
+client_secret = "s3cret"
+[[oidc_providers.onboarding]]
+username = "*"
+action = "allow"
+"#;
+
+    #[test]
+    fn a_sign_in_file_names_providers_and_the_ssh_onboarding_one() {
+        let parsed = sign_in(&format!("ssh_onboarding_provider = \"corp\"\n{CORP}")).unwrap();
+        assert_eq!(parsed.ssh_onboarding_provider, "corp");
+        assert_eq!(parsed.oidc_providers.len(), 1);
+        assert_eq!(parsed.oidc_providers[0].issuer, "https://sso.example.com");
+        assert_eq!(parsed.oidc_providers[0].onboarding.len(), 1);
+    }
+
+    #[test]
+    fn mistakes_in_a_sign_in_file_are_named() {
+        let unknown = sign_in(&format!("ssh_onboarding_provider = \"okta\"\n{CORP}")).unwrap_err();
+        assert!(
+            format!("{unknown:#}").contains("\"okta\" is not one of the oidc_providers"),
+            "{unknown:#}"
+        );
+        let typo = sign_in(&format!("ssh_onboarding = \"corp\"\n{CORP}")).unwrap_err();
+        assert!(format!("{typo:#}").contains("ssh_onboarding"), "{typo:#}");
+        let missing =
+            SignIn::from_file(std::path::Path::new("/nonexistent/sign-in.toml")).unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("cannot read /nonexistent/sign-in.toml"),
+            "{missing:#}"
+        );
+    }
 }

@@ -17,7 +17,8 @@ use k8shell_embedded::{NatsOptions, NatsServer, PostgresCluster, PostgresOptions
 use k8shell_service::{RunningService, Shutdown};
 
 pub use config::{
-    PlatformConfig, Ports, TokenTtls, WorkspaceOptions, default_data_dir, default_policies_dir,
+    PlatformConfig, Ports, SignIn, TokenTtls, WorkspaceOptions, default_data_dir,
+    default_policies_dir,
 };
 pub use state::{PlatformState, ServiceState};
 pub use status::{ServiceHealth, probe_services};
@@ -133,6 +134,7 @@ impl Platform {
                 state_dir: config.data_dir.join("identity"),
                 user_token_ttl: config.token_ttls.user,
                 workspace_token_ttl: config.token_ttls.workspace,
+                oidc_providers: config.sign_in.oidc_providers.clone(),
                 ..Default::default()
             },
             child(),
@@ -211,6 +213,7 @@ impl Platform {
                 authz_url: format!("http://{authz_grpc}"),
                 provisioner_url: format!("http://{provisioner_grpc}"),
                 host_key_dir: config.data_dir.join("sshproxy"),
+                onboarding_provider: config.sign_in.ssh_onboarding_provider.clone(),
                 ..Default::default()
             },
             child(),

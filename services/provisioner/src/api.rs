@@ -537,6 +537,11 @@ impl pb::provisioner_service_server::ProvisionerService for ProvisionerApi {
                     Some(crate::blueprint::Expr::Cel(cel)) => format!("!cel {:?}", cel.source()),
                     None => String::new(),
                 },
+                recording: loaded
+                    .blueprint
+                    .recording
+                    .map(|r| r.as_str().to_owned())
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(pb::ListBlueprintsResponse {

@@ -617,8 +617,14 @@ impl russh::server::Handler for SshHandler {
         };
         conn.shared.metrics.logins.inc();
         let client_address = conn.client.ip().to_string();
-        let admission = match target::admit(&conn.shared.backends, &login, &target, &client_address)
-            .await
+        let admission = match target::admit(
+            &conn.shared.backends,
+            &login,
+            &target,
+            &conn.shared.config.default_blueprint,
+            &client_address,
+        )
+        .await
         {
             Ok(admission) => admission,
             Err(message) => {

@@ -95,14 +95,39 @@ pub fn resource(owner: &str, workspace_id: &str) -> authz::Resource {
     }
 }
 
+/// What the blueprint named `name` asks to be recorded (empty: it does
+/// not say, or there is no such blueprint: the start will report that).
+async fn blueprint_recording(backends: &Backends, name: &str) -> Result<String, String> {
+    let blueprints = backends
+        .provisioner
+        .clone()
+        .list_blueprints(provisioner::ListBlueprintsRequest {
+            include_templates: false,
+        })
+        .await
+        .map_err(|status| format!("cannot read the blueprints: {}", status.message()))?
+        .into_inner()
+        .blueprints;
+    Ok(blueprints
+        .into_iter()
+        .find(|b| b.name == name)
+        .map(|b| b.recording)
+        .unwrap_or_default())
+}
+
 /// Asks for `session:start`; `Err` carries the message for the client.
+///
+/// The resource carries the workspace's owner, its blueprint and, when the
+/// blueprint asks for one, its recording (`record`), which the policy
+/// turns into the `record` obligation.
 pub async fn admit(
     backends: &Backends,
     login: &Login,
     target: &UserString,
+    default_blueprint: &str,
     client_address: &str,
 ) -> Result<Admission, String> {
-    let (owner, workspace_id) = match &target.workspace {
+    let (owner, workspace_id, blueprint) = match &target.workspace {
         Some(id) => {
             let workspace = backends
                 .provisioner
@@ -117,10 +142,25 @@ pub async fn admit(
                     _ => format!("cannot look up workspace {id}: {}", status.message()),
                 })?
                 .into_inner();
-            (workspace.username, Some(id.clone()))
+            (workspace.username, Some(id.clone()), workspace.blueprint)
         }
-        None => (target.username.clone(), None),
+        None => (
+            target.username.clone(),
+            None,
+            target
+                .blueprint
+                .clone()
+                .unwrap_or_else(|| default_blueprint.to_owned()),
+        ),
     };
+    let recording = blueprint_recording(backends, &blueprint).await?;
+    let mut resource = resource(&owner, workspace_id.as_deref().unwrap_or(""));
+    resource
+        .attributes
+        .insert("blueprint".to_owned(), blueprint.clone());
+    if !recording.is_empty() {
+        resource.attributes.insert("record".to_owned(), recording);
+    }
     let mut context = HashMap::from([
         ("transport".to_owned(), "ssh".to_owned()),
         ("client_address".to_owned(), client_address.to_owned()),
@@ -132,7 +172,7 @@ pub async fn admit(
         .decide(authz::EvaluateRequest {
             subject: Some(login.subject()),
             action: "session:start".to_owned(),
-            resource: Some(resource(&owner, workspace_id.as_deref().unwrap_or(""))),
+            resource: Some(resource),
             context,
             capability_check: false,
         })

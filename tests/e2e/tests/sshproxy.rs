@@ -89,16 +89,9 @@ async fn identity_client(
 /// Creates a user named `base` + a unique suffix (password `correct
 /// horse`) with a fresh ed25519 key.
 async fn user(platform: &TestPlatform, base: &str) -> SshUser {
-    let name = &unique(base);
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("id_ed25519");
-    let status = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let user = ssh_user(platform, base);
+    let name = &user.name;
+    let public = std::fs::read_to_string(user.key().with_extension("pub")).unwrap();
     let mut identity = identity_client(platform).await;
     identity
         .create_user(identity::CreateUserRequest {
@@ -115,6 +108,21 @@ async fn user(platform: &TestPlatform, base: &str) -> SshUser {
         })
         .await
         .unwrap();
+    user
+}
+
+/// A key pair and an ssh_config for `base` + a unique suffix, whom
+/// identity does not know (yet).
+fn ssh_user(platform: &TestPlatform, base: &str) -> SshUser {
+    let name = &unique(base);
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    let status = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(status.success());
     let ssh = platform.platform().listener("sshproxy", "ssh").unwrap();
     std::fs::write(
         dir.path().join("ssh_config"),
@@ -225,6 +233,50 @@ async fn openssh_clients_work_through_the_proxy() {
     let ended = next_event(&mut sessions, "k8shell.session.ended.v1").await;
     assert_eq!(ended["data"]["channels"]["exec"], 1);
     assert!(ended["data"]["bytes_out"].as_u64().unwrap() >= 4);
+
+    // UpdateHostKeys: a client that trusts only the proxy's ed25519 key
+    // learns its ECDSA and RSA keys (announced with hostkeys-00, each
+    // proven with hostkeys-prove-00 before OpenSSH writes it down).
+    let host_key = |file: &str| {
+        let output = std::process::Command::new("ssh-keygen")
+            .arg("-y")
+            .arg("-f")
+            .arg(platform.dir().join("sshproxy").join(file))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{file}: {}", text(&output.stderr));
+        text(&output.stdout).trim().to_owned()
+    };
+    let port = platform
+        .platform()
+        .listener("sshproxy", "ssh")
+        .unwrap()
+        .port();
+    let known = alice.dir.path().join("known_hosts_ed25519");
+    std::fs::write(
+        &known,
+        format!("[127.0.0.1]:{port} {}\n", host_key("ssh_host_ed25519_key")),
+    )
+    .unwrap();
+    let output = run(alice
+        .ssh()
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "UpdateHostKeys=yes",
+            "-o",
+        ])
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .args(["proxy", "true"]))
+    .await;
+    check(&output, "ssh with UpdateHostKeys");
+    let learned = std::fs::read_to_string(&known).unwrap();
+    for file in ["ssh_host_ecdsa_key", "ssh_host_rsa_key"] {
+        let key = host_key(file);
+        let blob = key.split_whitespace().nth(1).unwrap();
+        assert!(learned.contains(blob), "{file} was not learned:\n{learned}");
+    }
 
     // An interactive shell on a PTY, scripted through `ssh -tt`.
     let output = run_with_input(
@@ -820,5 +872,269 @@ async fn long_sessions_renew_the_login() {
         assert_eq!(text(&output.stdout), "again\n");
     }
     let _ = run(&mut master(&["-O", "exit", "proxy"])).await;
+    platform.stop().await.unwrap();
+}
+
+/// Unknown users onboard over SSH: keyboard-interactive shows the
+/// provider's address and code, waits while they log in at a browser, and
+/// lets them in as the account the provider vouched for.
+#[tokio::test]
+async fn unknown_users_onboard_with_the_device_flow() {
+    use k8shell_identity::oidc::{OidcProviderConfig, OnboardingAction, OnboardingRule};
+    use tokio::io::AsyncBufReadExt as _;
+
+    let unused_redirect = "http://127.0.0.1:9/callback";
+    let provider = k8shell_testkit::TestOidcProvider::start(unused_redirect)
+        .await
+        .unwrap();
+    let sign_in = k8shell_platform::SignIn {
+        oidc_providers: vec![OidcProviderConfig {
+            name: "corp".into(),
+            display_name: "Corp SSO".into(),
+            issuer: provider.issuer.clone(),
+            client_id: provider.client_id.clone(),
+            client_secret: provider.client_secret.clone(),
+            client_secret_file: None,
+            redirect_uri: String::new(),
+            scopes: ["openid", "email", "profile"].map(String::from).to_vec(),
+            claims: Default::default(),
+            onboarding: vec![
+                OnboardingRule {
+                    username: "mallory*".into(),
+                    action: OnboardingAction::Reject,
+                },
+                OnboardingRule {
+                    username: "*".into(),
+                    action: OnboardingAction::Allow,
+                },
+            ],
+        }],
+        ssh_onboarding_provider: "corp".into(),
+    };
+    let platform = TestPlatform::start_with_workspaces_and(move |config| config.sign_in = sign_in)
+        .await
+        .unwrap();
+    let mut sessions = events(&platform, "k8shell.evt.session.>").await;
+
+    // The provider's account decides who logs in: dave here.
+    let dave = ssh_user(&platform, "dave");
+    let output = device_login(&dave, &dave.name, "id -un").await;
+    check(&output, "device-flow login");
+    assert_eq!(text(&output.stdout), format!("{}\n", dave.name));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("k8shell login"), "{stderr}");
+    let started = next_event(&mut sessions, "k8shell.session.started.v1").await;
+    assert_eq!(started["data"]["username"], dave.name.as_str());
+    assert_eq!(started["data"]["auth_method"], "oidc-device");
+    let onboarded = identity_client(&platform)
+        .await
+        .get_user(identity::GetUserRequest {
+            username: dave.name.clone(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(onboarded.origin, "oidc:corp");
+
+    // Logging in at the provider as somebody else does not open another
+    // user's workspace.
+    let erin = ssh_user(&platform, "erin");
+    let output = device_login(&erin, &unique("frank"), "true").await;
+    assert!(!output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).is_empty());
+    platform.stop().await.unwrap();
+
+    /// Runs `command` as `user`, logging in with the device flow: reads
+    /// the instructions ssh prints, logs in at the provider as `login`
+    /// with the code, then lets askpass press Enter.
+    async fn device_login(user: &SshUser, login: &str, command: &str) -> Output {
+        let approved = user.dir.path().join("approved");
+        let askpass = user.dir.path().join("askpass-device");
+        std::fs::write(
+            &askpass,
+            format!(
+                "#!/bin/sh\nwhile [ ! -e '{}' ]; do sleep 0.1; done\necho\n",
+                approved.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &askpass,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let mut ssh = user.with_askpass(&askpass, "keyboard-interactive");
+        // OpenSSH prints keyboard-interactive instructions at INFO.
+        ssh.args(["-o", "LogLevel=INFO", "-o", "NumberOfPasswordPrompts=1"])
+            .args(["proxy", command])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = ssh.spawn().unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut shown = Vec::new();
+        let (url, code) = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut url = None;
+            while let Some(line) = lines.next_line().await.unwrap() {
+                shown.push(line.clone());
+                if let Some(rest) = line.strip_prefix("To log in, visit ") {
+                    url = Some(rest.trim().to_owned());
+                }
+                if let Some(code) = line.strip_prefix("and enter the code ") {
+                    return (
+                        url.expect("the address comes first"),
+                        code.trim().to_owned(),
+                    );
+                }
+            }
+            panic!("ssh ended without showing a code: {shown:?}");
+        })
+        .await
+        .expect("no device code within a minute");
+        let mut browser = k8shell_testkit::OidcBrowser::new(login).unwrap();
+        let journey = browser
+            .run(&url, "http://127.0.0.1:9/", Some(&code))
+            .await
+            .unwrap();
+        assert!(
+            matches!(journey, k8shell_testkit::Journey::DeviceApproved),
+            "{journey:?}"
+        );
+        std::fs::write(&approved, "").unwrap();
+        let rest = tokio::spawn(async move {
+            let mut rest = String::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                rest.push_str(&line);
+                rest.push('\n');
+            }
+            rest
+        });
+        let mut output = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output())
+            .await
+            .expect("ssh did not finish in 4 minutes")
+            .unwrap();
+        output.stderr = format!("{}\n{}", shown.join("\n"), rest.await.unwrap()).into_bytes();
+        output
+    }
+}
+
+/// A blueprint that asks for recording gets its terminal sessions
+/// recorded, keystrokes included, as `session.recording_*` events in
+/// asciicast v2 form; other blueprints' sessions are not recorded.
+#[tokio::test]
+async fn blueprints_ask_for_recordings() {
+    let platform = TestPlatform::start_with_workspaces().await.unwrap();
+    let blueprints = platform.dir().join("blueprints");
+    let dev = std::fs::read_to_string(blueprints.join("dev.yaml")).unwrap();
+    assert!(dev.contains("\nname: dev\n"));
+    std::fs::write(
+        blueprints.join("recorded.yaml"),
+        dev.replace("\nname: dev\n", "\nname: recorded\n") + "recording: input\n",
+    )
+    .unwrap();
+    let mut provisioner = ProvisionerServiceClient::connect(platform.url("provisioner", "grpc"))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let listed = provisioner
+                .list_blueprints(provisioner::ListBlueprintsRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if let Some(recorded) = listed.blueprints.iter().find(|b| b.name == "recorded") {
+                assert_eq!(recorded.recording, "input");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the new blueprint was not loaded");
+
+    let alice = user(&platform, "alice").await;
+    let mut sessions = events(&platform, "k8shell.evt.session.>").await;
+    let output = run_with_input(
+        alice
+            .ssh()
+            .args(["-tt", "-l", &format!("{}~recorded", alice.name), "proxy"]),
+        b"echo \"rec-$((6 * 7))\"; exit\n",
+    )
+    .await;
+    check(&output, "recorded shell");
+    assert!(text(&output.stdout).contains("rec-42"));
+
+    let started = next_event(&mut sessions, "k8shell.session.started.v1").await;
+    assert_eq!(started["data"]["record"], "input");
+    let recording = next_event(&mut sessions, "k8shell.session.recording_started.v1").await;
+    assert_eq!(recording["data"]["mode"], "input+output");
+    let header: serde_json::Value =
+        serde_json::from_str(recording["data"]["header"].as_str().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    let recording_id = recording["data"]["recording_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Chunks until the end, in order, without gaps.
+    let mut lines = String::new();
+    let mut seq = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let message = sessions.next().await.unwrap();
+            let envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            let data = &envelope["data"];
+            if data["recording_id"] != recording_id.as_str() {
+                continue;
+            }
+            match envelope["type"].as_str().unwrap() {
+                "k8shell.session.recording_chunk.v1" => {
+                    assert_eq!(data["seq"], seq);
+                    seq += 1;
+                    lines.push_str(data["lines"].as_str().unwrap());
+                }
+                "k8shell.session.recording_ended.v1" => return envelope,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the recording did not end");
+    assert_eq!(ended["data"]["chunks"], seq);
+    let (mut output, mut input) = (String::new(), String::new());
+    for line in lines.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        let data = event[2].as_str().unwrap();
+        match event[1].as_str().unwrap() {
+            "o" => output.push_str(data),
+            "i" => input.push_str(data),
+            _ => {}
+        }
+    }
+    assert!(output.contains("rec-42"), "{output}");
+    assert!(input.contains("echo \"rec-$((6 * 7))\""), "{input}");
+
+    // The default blueprint asks for nothing: no recording.
+    let output = run_with_input(alice.ssh().args(["-tt", "proxy"]), b"exit\n").await;
+    check(&output, "unrecorded shell");
+    let started = next_event(&mut sessions, "k8shell.session.started.v1").await;
+    assert_eq!(started["data"]["record"], "none");
+    let session_id = started["data"]["session_id"].clone();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let message = sessions.next().await.unwrap();
+            let envelope: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            if envelope["data"]["session_id"] != session_id {
+                continue;
+            }
+            let kind = envelope["type"].as_str().unwrap();
+            assert!(!kind.contains("recording"), "{envelope}");
+            if kind == "k8shell.session.ended.v1" {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the unrecorded session did not end");
     platform.stop().await.unwrap();
 }

@@ -80,6 +80,37 @@ pub struct Blueprint {
     /// never stops.
     #[serde(default)]
     pub idle_timeout: Option<Expr<String>>,
+    /// What the SSH proxy records of sessions to these workspaces. The
+    /// authorization policy has the last word (its `record` obligation
+    /// starts from this value); unset: nothing.
+    #[serde(default)]
+    pub recording: Option<Recording>,
+}
+
+/// What is recorded of SSH sessions.
+#[derive(Clone, Copy, Debug, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Recording {
+    /// Nothing.
+    None,
+    /// Terminal sessions' output.
+    Shell,
+    /// Terminal sessions' output and keystrokes.
+    Input,
+    /// The output of terminal sessions and of commands.
+    All,
+}
+
+impl Recording {
+    /// The name used in the file, the API and policy input.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Shell => "shell",
+            Self::Input => "input",
+            Self::All => "all",
+        }
+    }
 }
 
 /// Image pull policy.
