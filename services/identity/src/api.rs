@@ -29,6 +29,8 @@ pub struct TokenPolicy {
     pub pat_default_days: u32,
     pub pat_max_days: u32,
     pub lockout: LockoutConfig,
+    /// How long after a login its tokens can still be renewed.
+    pub login_max_age: Duration,
 }
 
 /// Implements `k8shell.identity.v1.IdentityService`. Cheap to clone: the
@@ -170,6 +172,18 @@ impl IdentityApi {
         amr: &str,
         scopes: &[String],
     ) -> Result<pb::LoginResponse, Status> {
+        self.sign_user_token(user, &[amr], scopes, None)
+    }
+
+    /// A user token for `user` with their current roles; `auth_time`:
+    /// when they logged in (`None`: now).
+    fn sign_user_token(
+        &self,
+        user: &User,
+        amr: &[&str],
+        scopes: &[String],
+        auth_time: Option<u64>,
+    ) -> Result<pb::LoginResponse, Status> {
         let (token, claims) = self
             .keys
             .sign(&TokenRequest {
@@ -178,9 +192,10 @@ impl IdentityApi {
                 kind: "user",
                 roles: &user.roles,
                 scopes,
-                amr: &[amr],
+                amr,
                 org: &user.organization,
                 ttl: self.policy.user_token_ttl,
+                auth_time,
             })
             .map_err(|e| internal("cannot sign a token")(&e))?;
         Ok(pb::LoginResponse {
@@ -503,6 +518,53 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
         Ok(Response::new(self.user_token(&user, "publickey", &[])?))
     }
 
+    async fn renew_login(
+        &self,
+        request: Request<pb::RenewLoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
+        let req = request.into_inner();
+        let claims = self.verify_user(&req.token)?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+        // Strictly unexpired: the verification's clock-skew leeway does not
+        // stretch a session.
+        if claims.exp <= now {
+            return Err(Status::unauthenticated("invalid or expired token"));
+        }
+        if claims.amr.iter().any(|m| m == "pat") || !claims.scopes.is_empty() {
+            return Err(Status::failed_precondition(
+                "tokens from personal access tokens are not renewed: exchange the PAT again",
+            ));
+        }
+        let authenticated = if claims.auth_time == 0 {
+            claims.iat
+        } else {
+            claims.auth_time
+        };
+        let max_age = self.policy.login_max_age.as_secs();
+        if now.saturating_sub(authenticated) >= max_age {
+            tracing::info!(user = %claims.sub, source = %req.source, "renewal refused: login too old");
+            return Err(Status::unauthenticated(format!(
+                "the login is older than {}: log in again",
+                humantime::format_duration(self.policy.login_max_age)
+            )));
+        }
+        let user = self
+            .load(&claims.sub)
+            .await?
+            .filter(|user| !Self::barred(user))
+            .ok_or_else(|| {
+                tracing::info!(user = %claims.sub, source = %req.source, "renewal refused: account gone or locked");
+                Status::unauthenticated(BAD_LOGIN)
+            })?;
+        let amr: Vec<&str> = claims.amr.iter().map(String::as_str).collect();
+        Ok(Response::new(self.sign_user_token(
+            &user,
+            &amr,
+            &[],
+            Some(authenticated),
+        )?))
+    }
+
     async fn add_ssh_key(
         &self,
         request: Request<pb::AddSshKeyRequest>,
@@ -805,6 +867,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
                 amr: &claims.amr.iter().map(String::as_str).collect::<Vec<_>>(),
                 org: &claims.org,
                 ttl: self.policy.workspace_token_ttl,
+                auth_time: Some(claims.auth_time),
             })
             .map_err(|e| internal("cannot sign a token")(&e))?;
         Ok(Response::new(pb::IssueWorkspaceTokenResponse {
@@ -903,6 +966,7 @@ impl pb::identity_service_server::IdentityService for IdentityApi {
                 amr: &["service"],
                 org: "",
                 ttl: self.policy.workspace_token_ttl,
+                auth_time: None,
             })
             .map_err(|e| internal("cannot sign a token")(&e))?;
         Ok(Response::new(pb::IssueWorkspaceTokenResponse {

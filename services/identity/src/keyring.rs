@@ -48,6 +48,10 @@ pub struct Claims {
     /// The user's organisation.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub org: String,
+    /// When the user proved who they are (seconds since the epoch);
+    /// renewed tokens keep it. 0 in tokens from before it existed.
+    #[serde(default)]
+    pub auth_time: u64,
 }
 
 /// What to put in a token.
@@ -69,6 +73,8 @@ pub struct TokenRequest<'a> {
     pub org: &'a str,
     /// Lifetime.
     pub ttl: Duration,
+    /// When the user authenticated; `None`: now (a fresh login).
+    pub auth_time: Option<u64>,
 }
 
 /// Audience of user tokens.
@@ -314,6 +320,7 @@ impl KeyRing {
             amr,
             org,
             ttl,
+            auth_time,
         } = *request;
         let ring = self.ring.read().map_err(|_| KeyError::NoKey)?;
         let active = ring.active.as_ref().ok_or(KeyError::NoKey)?;
@@ -336,6 +343,7 @@ impl KeyRing {
             scopes: scopes.to_vec(),
             amr: amr.iter().map(|s| (*s).to_owned()).collect(),
             org: org.to_owned(),
+            auth_time: auth_time.unwrap_or(now),
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(active.kid.clone());

@@ -69,6 +69,10 @@ pub struct Config {
     /// Workspace token lifetime.
     #[serde(with = "humantime_serde")]
     pub workspace_token_ttl: Duration,
+    /// How long after a login (password, key, OIDC) `RenewLogin` keeps
+    /// issuing tokens for it; then the user logs in again.
+    #[serde(with = "humantime_serde")]
+    pub login_max_age: Duration,
     /// Signing key rotation period.
     #[serde(with = "humantime_serde")]
     pub key_rotation: Duration,
@@ -106,6 +110,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/k8shell/identity"),
             user_token_ttl: Duration::from_secs(3600),
             workspace_token_ttl: Duration::from_secs(5 * 60),
+            login_max_age: Duration::from_secs(12 * 3600),
             key_rotation: Duration::from_secs(24 * 3600),
             ssh_certificate_ttl: Duration::from_secs(16 * 3600),
             ssh_certificate_max_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -219,6 +224,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
                 pat_default_days: config.pat_default_days,
                 pat_max_days: config.pat_max_days,
                 lockout: config.lockout.clone(),
+                login_max_age: config.login_max_age,
             },
             oidc,
         };

@@ -35,13 +35,17 @@ async fn start() -> Identity {
 }
 
 async fn start_with(oidc_providers: Vec<OidcProviderConfig>) -> Identity {
+    start_and(|config| config.oidc_providers = oidc_providers).await
+}
+
+async fn start_and(configure: impl FnOnce(&mut k8shell_identity::Config)) -> Identity {
     let infra = TestInfra::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let http_addr = http.local_addr().unwrap();
     drop(http);
     let issuer = format!("http://{http_addr}");
-    let config = k8shell_identity::Config {
+    let mut config = k8shell_identity::Config {
         grpc_addr: "127.0.0.1:0".parse().unwrap(),
         http_addr,
         admin_addr: "127.0.0.1:0".parse().unwrap(),
@@ -54,9 +58,9 @@ async fn start_with(oidc_providers: Vec<OidcProviderConfig>) -> Identity {
             window: Duration::from_secs(60),
             lock_for: Duration::from_secs(60),
         },
-        oidc_providers,
         ..Default::default()
     };
+    configure(&mut config);
     let shutdown = Shutdown::new();
     let running = k8shell_identity::start(config, shutdown.clone())
         .await
@@ -647,6 +651,7 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
         amr: &["pwd"],
         org: "default",
         ttl: Duration::from_secs(60),
+        auth_time: None,
     };
     let (old, _) = ring.sign(&request).unwrap();
     let old_kid = jsonwebtoken::decode_header(&old).unwrap().kid.unwrap();
@@ -1167,5 +1172,136 @@ async fn services_get_workspace_tokens_and_the_jwks_over_grpc() {
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
     }
+    identity.shutdown.trigger();
+}
+
+async fn renew(identity: &mut Identity, token: &str) -> Result<String, tonic::Status> {
+    identity
+        .client
+        .renew_login(pb::RenewLoginRequest {
+            token: token.into(),
+            source: "192.0.2.7".into(),
+        })
+        .await
+        .map(|r| r.into_inner().token)
+}
+
+/// Long SSH sessions renew their token: same login, current roles, never
+/// from an expired token, never past the login's maximum age, never for a
+/// locked account or a PAT.
+#[tokio::test]
+async fn logins_renew_until_their_maximum_age() {
+    let mut identity = start_and(|config| {
+        config.user_token_ttl = Duration::from_secs(3);
+        config.login_max_age = Duration::from_secs(6);
+    })
+    .await;
+    create(&mut identity, "alice", "correct horse battery", &[]).await;
+    let first = login(&mut identity, "alice", "correct horse battery")
+        .await
+        .unwrap();
+    let logged_in = verify(&identity, &first, "k8shell").await.unwrap();
+    assert!(logged_in.auth_time > 0);
+
+    // Renewed with the roles the user has now, as the same login.
+    identity
+        .client
+        .set_roles(pb::SetRolesRequest {
+            username: "alice".into(),
+            roles: vec!["admin".into()],
+        })
+        .await
+        .unwrap();
+    let second = renew(&mut identity, &first).await.unwrap();
+    let renewed = verify(&identity, &second, "k8shell").await.unwrap();
+    assert_eq!(renewed.sub, "alice");
+    assert_eq!(renewed.amr, ["pwd"]);
+    assert_eq!(renewed.roles, ["admin"]);
+    assert_eq!(renewed.auth_time, logged_in.auth_time);
+    assert_ne!(renewed.jti, logged_in.jti);
+
+    // Not what is not a live user token.
+    for bad in ["", "garbage", "a.b.c"] {
+        let refused = renew(&mut identity, bad).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{bad:?}");
+    }
+    let workspace_token = identity
+        .client
+        .issue_workspace_token(pb::IssueWorkspaceTokenRequest {
+            token: second.clone(),
+            workspace_id: "alice-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let refused = renew(&mut identity, &workspace_token).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let pat = identity
+        .client
+        .create_pat(pb::CreatePatRequest {
+            username: "alice".into(),
+            name: "ci".into(),
+            scopes: vec!["workspace:*".into()],
+            valid_days: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let exchanged = identity
+        .client
+        .exchange_pat(pb::ExchangePatRequest {
+            secret: pat.secret,
+            source: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let refused = renew(&mut identity, &exchanged).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("exchange the PAT again"));
+
+    // Renewing every 1.5 s (tokens live 3 s, counted in whole seconds)
+    // keeps the login going until it is 6 s old.
+    let mut current = second;
+    let mut refusal = None;
+    let mut renewals = 0;
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        match renew(&mut identity, &current).await {
+            Ok(token) => {
+                current = token;
+                renewals += 1;
+            }
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("the login outlived its maximum age");
+    assert!(renewals >= 2, "only {renewals} renewals before the refusal");
+    assert_eq!(refusal.code(), tonic::Code::Unauthenticated);
+    assert!(
+        refusal.message().contains("older than 6s"),
+        "{}",
+        refusal.message()
+    );
+    // The first token has expired by now: no renewal, even within the
+    // verification's clock-skew leeway.
+    let refused = renew(&mut identity, &first).await.unwrap_err();
+    assert_eq!(refused.message(), "invalid or expired token");
+
+    // A locked account is not renewed.
+    create(&mut identity, "bob", "bobs long password", &[]).await;
+    let bobs = login(&mut identity, "bob", "bobs long password")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        login(&mut identity, "bob", "wrong").await.unwrap_err();
+    }
+    let refused = renew(&mut identity, &bobs).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     identity.shutdown.trigger();
 }

@@ -86,6 +86,32 @@ fn failure(status: tonic::Status) -> LoginFailure {
     }
 }
 
+/// A fresh token for the holder of `token` (identity's `RenewLogin`) and
+/// its expiry.
+pub async fn renew(
+    backends: &Backends,
+    token: &str,
+    source: &str,
+) -> Result<(String, Option<std::time::SystemTime>), LoginFailure> {
+    let response = backends
+        .identity
+        .clone()
+        .renew_login(pb::RenewLoginRequest {
+            token: token.to_owned(),
+            source: source.to_owned(),
+        })
+        .await
+        .map_err(|status| match status.code() {
+            Code::FailedPrecondition => LoginFailure::Refused(status.message().to_owned()),
+            _ => failure(status),
+        })?
+        .into_inner();
+    let expires_at = response
+        .expires_at
+        .and_then(|t| std::time::SystemTime::try_from(t).ok());
+    Ok((response.token, expires_at))
+}
+
 /// Password login (also what keyboard-interactive's prompt uses).
 pub async fn password(
     backends: &Backends,

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{self, DeviceLogin, Login, LoginFailure};
 use crate::server::Shared;
 use crate::target::{self, WorkspaceGate};
+use crate::token::{self, UserToken};
 
 /// A handler failure ends the connection.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +58,8 @@ pub struct Conn {
     open_channels: AtomicUsize,
     target: OnceLock<(String, UserString)>,
     login: OnceLock<Login>,
-    /// The current user token and its expiry (renewed in long sessions).
-    token: Mutex<(String, Option<std::time::SystemTime>)>,
+    /// The current user token (renewed in long sessions).
+    token: Arc<UserToken>,
     session: OnceLock<Admitted>,
     handle: OnceLock<russh::server::Handle>,
     client_version: OnceLock<String>,
@@ -84,7 +85,7 @@ impl Conn {
             open_channels: AtomicUsize::new(0),
             target: OnceLock::new(),
             login: OnceLock::new(),
-            token: Mutex::new((String::new(), None)),
+            token: Arc::new(UserToken::default()),
             session: OnceLock::new(),
             handle: OnceLock::new(),
             client_version: OnceLock::new(),
@@ -130,22 +131,17 @@ impl Conn {
 
     /// A user token valid for at least another minute: the login's, or,
     /// once that runs out in a long session, a fresh one from logging in
-    /// again with the key or certificate the client proved to hold.
-    /// Password and OIDC logins cannot be renewed: identity then refuses
-    /// new workspace tokens with the reason.
+    /// again with the key or certificate the client proved to hold. Other
+    /// logins' tokens are renewed in the background ([`token::keep_renewed`]).
     pub async fn user_token(&self) -> Result<String, String> {
         let login = self.login().ok_or("not logged in")?;
         let fresh_until = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
-        let current = self
-            .token
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if current.1.is_none_or(|expiry| expiry > fresh_until) {
-            return Ok(current.0);
+        let (current, expires_at) = self.token.get();
+        if expires_at.is_none_or(|expiry| expiry > fresh_until) {
+            return Ok(current);
         }
         let Some(line) = &login.proven_key else {
-            return Ok(current.0);
+            return Ok(current);
         };
         let renewed = auth::public_key(
             &self.shared.backends,
@@ -157,11 +153,7 @@ impl Conn {
         .await
         .map_err(|e| format!("cannot renew the login: {e}"))?;
         tracing::info!(session = %self.id, user = %login.username, "user token renewed");
-        *self
-            .token
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            (renewed.token.clone(), renewed.expires_at);
+        self.token.set(renewed.token.clone(), renewed.expires_at);
         Ok(renewed.token)
     }
 
@@ -400,12 +392,7 @@ impl SshHandler {
         self.conn.auth_attempts.fetch_add(1, Ordering::SeqCst);
         match result {
             Ok(login) => {
-                *self
-                    .conn
-                    .token
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    (login.token.clone(), login.expires_at);
+                self.conn.token.set(login.token.clone(), login.expires_at);
                 let _ = self.conn.login.set(login);
                 Auth::Accept
             }
@@ -637,6 +624,15 @@ impl russh::server::Handler for SshHandler {
                 return Ok(());
             }
         };
+        if login.proven_key.is_none() {
+            tokio::spawn(token::keep_renewed(
+                conn.shared.backends.clone(),
+                Arc::clone(&conn.token),
+                conn.closed.clone(),
+                client_address.clone(),
+                conn.id.clone(),
+            ));
+        }
         let config = &conn.shared.config;
         let gate = target::start(
             conn.shared.backends.clone(),

@@ -19,6 +19,7 @@ pub mod proxy_protocol;
 pub mod recording;
 mod server;
 mod target;
+mod token;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -836,42 +836,65 @@ async fn long_sessions_renew_the_login() {
     .await
     .unwrap();
     let alice = user(&platform, "hana").await;
-    // One connection, a first channel, a pause past the token's life, then
-    // more channels on the same connection (a control master multiplexes
-    // them, as VS Code does).
-    let control = alice.dir.path().join("control");
-    let master = |extra: &[&str]| {
-        let mut command = alice.ssh();
+    let askpass = alice.dir.path().join("askpass");
+    std::fs::write(&askpass, "#!/bin/sh\necho 'correct horse'\n").unwrap();
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    // Per login method, one connection, a first channel, a pause past the
+    // token's life, then more channels on the same connection (a control
+    // master multiplexes them, as VS Code does). The key login renews by
+    // logging in again with the key; the password login, which the proxy
+    // cannot repeat, through identity's RenewLogin before the token expires.
+    let master = |method: &str, extra: &[&str]| {
+        let mut command = match method {
+            "publickey" => alice.ssh(),
+            _ => alice.with_askpass(&askpass, method),
+        };
         command
             .arg("-o")
-            .arg(format!("ControlPath={}", control.display()))
+            .arg(format!(
+                "ControlPath={}",
+                alice.dir.path().join(method).display()
+            ))
             .args(extra);
         command
     };
-    let output = run(&mut master(&[
-        "-o",
-        "ControlMaster=yes",
-        "-o",
-        "ControlPersist=60",
-        "proxy",
-        "echo first",
-    ]))
-    .await;
-    check(&output, "first channel");
+    let methods = ["publickey", "password"];
+    for method in methods {
+        let output = run(&mut master(
+            method,
+            &[
+                "-o",
+                "ControlMaster=yes",
+                "-o",
+                "ControlPersist=60",
+                "proxy",
+                "echo first",
+            ],
+        ))
+        .await;
+        check(&output, &format!("first channel ({method})"));
+    }
     // identity accepts a token up to 30 s past its expiry (clock skew).
     tokio::time::sleep(Duration::from_secs(40)).await;
-    for round in 0..2 {
-        let output = run(&mut master(&[
-            "-o",
-            "ControlMaster=no",
-            "proxy",
-            "echo again",
-        ]))
-        .await;
-        check(&output, &format!("channel {round} after the token expired"));
-        assert_eq!(text(&output.stdout), "again\n");
+    for method in methods {
+        for round in 0..2 {
+            let output = run(&mut master(
+                method,
+                &["-o", "ControlMaster=no", "proxy", "echo again"],
+            ))
+            .await;
+            check(
+                &output,
+                &format!("channel {round} after the token expired ({method})"),
+            );
+            assert_eq!(text(&output.stdout), "again\n");
+        }
+        let _ = run(&mut master(method, &["-O", "exit", "proxy"])).await;
     }
-    let _ = run(&mut master(&["-O", "exit", "proxy"])).await;
     platform.stop().await.unwrap();
 }
 
