@@ -68,6 +68,46 @@ impl TestOidcProvider {
     }
 }
 
+impl TestOidcProvider {
+    /// identity's configuration of this provider as `name`: its client,
+    /// the default scopes and claim mapping, and the onboarding rules
+    /// (pattern, action), first match first.
+    pub fn identity_config(
+        &self,
+        name: &str,
+        onboarding: &[(&str, k8shell_identity::oidc::OnboardingAction)],
+    ) -> k8shell_identity::oidc::OidcProviderConfig {
+        k8shell_identity::oidc::OidcProviderConfig {
+            name: name.to_owned(),
+            display_name: format!("{} SSO", capitalized(name)),
+            issuer: self.issuer.clone(),
+            client_id: self.client_id.clone(),
+            client_secret: self.client_secret.clone(),
+            client_secret_file: None,
+            redirect_uri: self.redirect_uri.clone(),
+            scopes: ["openid", "email", "profile"].map(String::from).to_vec(),
+            claims: Default::default(),
+            onboarding: onboarding
+                .iter()
+                .map(
+                    |(username, action)| k8shell_identity::oidc::OnboardingRule {
+                        username: (*username).to_owned(),
+                        action: *action,
+                    },
+                )
+                .collect(),
+        }
+    }
+}
+
+fn capitalized(name: &str) -> String {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
 /// A scripted browser: one cookie jar, no automatic redirects.
 pub struct OidcBrowser {
     http: reqwest::Client,

@@ -10,9 +10,7 @@ use std::time::Duration;
 use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use k8shell_identity::keyring::{Claims, KeyRing, TokenRequest};
-use k8shell_identity::oidc::{
-    ClaimMappingConfig, OidcProviderConfig, OnboardingAction, OnboardingRule,
-};
+use k8shell_identity::oidc::{ClaimMappingConfig, OidcProviderConfig, OnboardingAction};
 use k8shell_proto::identity::v1 as pb;
 use k8shell_proto::identity::v1::identity_service_client::IdentityServiceClient;
 use k8shell_service::Shutdown;
@@ -723,31 +721,20 @@ async fn rotated_keys_keep_verifying_until_their_tokens_expire() {
 const REDIRECT_URI: &str = "http://127.0.0.1:9/oidc/callback";
 
 fn corp(provider: &TestOidcProvider) -> OidcProviderConfig {
-    let rule = |username: &str, action| OnboardingRule {
-        username: username.to_owned(),
-        action,
-    };
-    OidcProviderConfig {
-        name: "corp".into(),
-        display_name: "Corp SSO".into(),
-        issuer: provider.issuer.clone(),
-        client_id: provider.client_id.clone(),
-        client_secret: provider.client_secret.clone(),
-        client_secret_file: None,
-        redirect_uri: provider.redirect_uri.clone(),
-        scopes: ["openid", "email", "profile", "groups"]
-            .map(String::from)
-            .to_vec(),
-        claims: ClaimMappingConfig {
-            roles: "'k8shell-admins' in claims.groups ? ['admin'] : []".into(),
-            ..Default::default()
-        },
-        onboarding: vec![
-            rule("mallory*", OnboardingAction::Reject),
-            rule("wait-*", OnboardingAction::Waitlist),
-            rule("*", OnboardingAction::Allow),
+    let mut config = provider.identity_config(
+        "corp",
+        &[
+            ("mallory*", OnboardingAction::Reject),
+            ("wait-*", OnboardingAction::Waitlist),
+            ("*", OnboardingAction::Allow),
         ],
-    }
+    );
+    config.scopes.push("groups".into());
+    config.claims = ClaimMappingConfig {
+        roles: "'k8shell-admins' in claims.groups ? ['admin'] : []".into(),
+        ..Default::default()
+    };
+    config
 }
 
 /// A browser login through `corp` as `login`: begin, the provider's pages,

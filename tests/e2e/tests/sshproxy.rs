@@ -140,6 +140,15 @@ fn ssh_user(platform: &TestPlatform, base: &str) -> SshUser {
     }
 }
 
+/// An executable `SSH_ASKPASS` program named `name` in `user`'s directory
+/// running the shell `script`.
+fn askpass(user: &SshUser, name: &str, script: &str) -> PathBuf {
+    let path = user.dir.path().join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -611,13 +620,7 @@ async fn logins_certificates_cold_start_and_refusals() {
 
     // Repeated bad passwords: each is an ssh.auth_failed event.
     let mut failures = events(&platform, "k8shell.evt.ssh.>").await;
-    let askpass = alice.dir.path().join("askpass");
-    std::fs::write(&askpass, "#!/bin/sh\necho wrong-password\n").unwrap();
-    std::fs::set_permissions(
-        &askpass,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let askpass = askpass(&alice, "askpass", "echo wrong-password");
     let output = run(alice.with_askpass(&askpass, "password").args([
         "-o",
         "NumberOfPasswordPrompts=3",
@@ -836,13 +839,7 @@ async fn long_sessions_renew_the_login() {
     .await
     .unwrap();
     let alice = user(&platform, "hana").await;
-    let askpass = alice.dir.path().join("askpass");
-    std::fs::write(&askpass, "#!/bin/sh\necho 'correct horse'\n").unwrap();
-    std::fs::set_permissions(
-        &askpass,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let askpass = askpass(&alice, "askpass", "echo 'correct horse'");
     // Per login method, one connection, a first channel, a pause past the
     // token's life, then more channels on the same connection (a control
     // master multiplexes them, as VS Code does). The key login renews by
@@ -903,7 +900,7 @@ async fn long_sessions_renew_the_login() {
 /// lets them in as the account the provider vouched for.
 #[tokio::test]
 async fn unknown_users_onboard_with_the_device_flow() {
-    use k8shell_identity::oidc::{OidcProviderConfig, OnboardingAction, OnboardingRule};
+    use k8shell_identity::oidc::OnboardingAction;
     use tokio::io::AsyncBufReadExt as _;
 
     let unused_redirect = "http://127.0.0.1:9/callback";
@@ -911,27 +908,13 @@ async fn unknown_users_onboard_with_the_device_flow() {
         .await
         .unwrap();
     let sign_in = k8shell_platform::SignIn {
-        oidc_providers: vec![OidcProviderConfig {
-            name: "corp".into(),
-            display_name: "Corp SSO".into(),
-            issuer: provider.issuer.clone(),
-            client_id: provider.client_id.clone(),
-            client_secret: provider.client_secret.clone(),
-            client_secret_file: None,
-            redirect_uri: String::new(),
-            scopes: ["openid", "email", "profile"].map(String::from).to_vec(),
-            claims: Default::default(),
-            onboarding: vec![
-                OnboardingRule {
-                    username: "mallory*".into(),
-                    action: OnboardingAction::Reject,
-                },
-                OnboardingRule {
-                    username: "*".into(),
-                    action: OnboardingAction::Allow,
-                },
+        oidc_providers: vec![provider.identity_config(
+            "corp",
+            &[
+                ("mallory*", OnboardingAction::Reject),
+                ("*", OnboardingAction::Allow),
             ],
-        }],
+        )],
         ssh_onboarding_provider: "corp".into(),
     };
     let platform = TestPlatform::start_with_workspaces_and(move |config| config.sign_in = sign_in)
@@ -973,20 +956,14 @@ async fn unknown_users_onboard_with_the_device_flow() {
     /// with the code, then lets askpass press Enter.
     async fn device_login(user: &SshUser, login: &str, command: &str) -> Output {
         let approved = user.dir.path().join("approved");
-        let askpass = user.dir.path().join("askpass-device");
-        std::fs::write(
-            &askpass,
-            format!(
-                "#!/bin/sh\nwhile [ ! -e '{}' ]; do sleep 0.1; done\necho\n",
+        let askpass = askpass(
+            user,
+            "askpass-device",
+            &format!(
+                "while [ ! -e '{}' ]; do sleep 0.1; done\necho",
                 approved.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &askpass,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        );
         let mut ssh = user.with_askpass(&askpass, "keyboard-interactive");
         // OpenSSH prints keyboard-interactive instructions at INFO.
         ssh.args(["-o", "LogLevel=INFO", "-o", "NumberOfPasswordPrompts=1"])
