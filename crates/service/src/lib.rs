@@ -6,6 +6,7 @@
 
 mod admin;
 mod config;
+pub mod daemon_channel;
 mod entry;
 mod grpc;
 mod health;

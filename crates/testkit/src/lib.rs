@@ -27,7 +27,8 @@ pub use platform::TestPlatform;
 pub use provisioner::{TestProvisioner, containers_conf, remove_workspaces_of, repo_root};
 pub use sftp::sftp_session;
 
-pub use tokens::{TokenIssuer, bearer, unix_channel};
+pub use k8shell_service::daemon_channel::bearer;
+pub use tokens::{TokenIssuer, unix_channel};
 
 /// Installs a test log subscriber once per process (`RUST_LOG` honoured).
 pub fn init_tracing() {

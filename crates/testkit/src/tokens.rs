@@ -4,6 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use k8shell_service::daemon_channel::DaemonEndpoint;
 use p256::elliptic_curve::Generate;
 use p256::pkcs8::EncodePrivateKey;
 
@@ -70,26 +71,7 @@ impl TokenIssuer {
     }
 }
 
-/// A gRPC channel over a unix socket.
+/// A gRPC channel to the k8shelld listening on `socket`.
 pub async fn unix_channel(socket: &std::path::Path) -> anyhow::Result<tonic::transport::Channel> {
-    let socket = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://k8shelld.invalid")?
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await?;
-    Ok(channel)
-}
-
-/// Wraps a message with `authorization: Bearer <token>`.
-pub fn bearer<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
+    Ok(DaemonEndpoint::unix(socket.to_path_buf()).connect().await?)
 }

@@ -1578,6 +1578,24 @@ async fn tcp_listener_requires_a_client_certificate_and_a_token() {
         .get_activity(authorized(pb::GetActivityRequest {}, &daemon.token()))
         .await
         .expect("certificate and token: allowed");
+    // As the provisioner and the SSH proxy reach k8shelld on Kubernetes:
+    // the endpoint's host names the server.
+    let shared = k8shell_service::daemon_channel::DaemonEndpoint::new(
+        &format!("https://localhost:{}", daemon.grpc_addr.unwrap().port()),
+        Some(&k8shell_service::daemon_channel::DaemonClientTls {
+            ca_pem: pki.ca_pem.clone(),
+            cert_pem: pki.client_cert_pem.clone(),
+            key_pem: pki.client_key_pem.clone(),
+        }),
+    )
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    K8shelldClient::new(shared)
+        .get_activity(authorized(pb::GetActivityRequest {}, &daemon.token()))
+        .await
+        .expect("the shared client speaks mutual TLS");
     let status = client
         .get_activity(Request::new(pb::GetActivityRequest {}))
         .await

@@ -1,11 +1,11 @@
 //! Talking to k8shelld in a workspace: is it answering, and how idle is it.
 
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use k8shell_proto::k8shelld::v1 as pb;
 use k8shell_proto::k8shelld::v1::k8shelld_client::K8shelldClient;
-use tonic::transport::{Channel, Endpoint};
+use k8shell_service::daemon_channel::{DaemonClientTls, DaemonEndpoint};
+use tonic::transport::Channel;
 
 use crate::runtime::Runtime;
 use crate::tokens::WorkspaceTokens;
@@ -35,22 +35,17 @@ pub struct Activity {
     pub attached_clients: u32,
 }
 
-/// A channel to a k8shelld on a unix socket (`unix:///path`).
-pub async fn unix_channel(endpoint: &str, timeout: Duration) -> Result<Channel, String> {
-    let Some(path) = endpoint.strip_prefix("unix://") else {
-        return Err(format!("unsupported endpoint {endpoint:?}"));
-    };
-    let socket = PathBuf::from(path);
-    Endpoint::from_static("http://k8shelld.invalid")
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
+/// A channel to the k8shelld at `endpoint`, connected now, with `timeout`
+/// for connecting and for each call; `tls` is presented to `https://` ones.
+pub async fn connect(
+    endpoint: &str,
+    tls: Option<&DaemonClientTls>,
+    timeout: Duration,
+) -> Result<Channel, String> {
+    DaemonEndpoint::new(endpoint, tls)
+        .map_err(|e| e.to_string())?
+        .configure(|e| e.connect_timeout(timeout).timeout(timeout))
+        .connect()
         .await
         .map_err(|e| e.to_string())
 }

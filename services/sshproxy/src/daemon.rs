@@ -5,14 +5,15 @@
 //! they expire.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use k8shell_proto::identity::v1 as identity;
 use k8shell_proto::k8shelld::v1::k8shelld_client::K8shelldClient;
-use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use k8shell_service::daemon_channel::{
+    DaemonClientTls, DaemonEndpoint, DaemonEndpointError, bearer,
+};
+use tonic::transport::Channel;
 
 use crate::backends::Backends;
 
@@ -23,8 +24,8 @@ const RENEW_BEFORE: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// The endpoint is not one the proxy can dial.
-    #[error("unsupported k8shelld endpoint {0:?}")]
-    Endpoint(String),
+    #[error("{0}")]
+    Endpoint(#[from] DaemonEndpointError),
     /// identity refused a workspace token.
     #[error("no workspace token: {0}")]
     Token(String),
@@ -41,6 +42,8 @@ struct CachedToken {
 pub struct DaemonPool {
     channels: Arc<Mutex<HashMap<String, (String, Channel)>>>,
     tokens: Arc<Mutex<HashMap<(String, String), CachedToken>>>,
+    /// Presented to `https://` endpoints.
+    tls: Option<Arc<DaemonClientTls>>,
 }
 
 /// A client of one workspace's k8shelld, with the user's token.
@@ -54,40 +57,30 @@ pub struct DaemonClient {
 impl DaemonClient {
     /// Wraps `message` with the token.
     pub fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        if let Ok(value) = MetadataValue::try_from(format!("Bearer {}", self.token)) {
-            request.metadata_mut().insert("authorization", value);
-        }
-        request
+        bearer(message, &self.token)
     }
 }
 
-fn channel(endpoint: &str) -> Result<Channel, DaemonError> {
-    if let Some(path) = endpoint.strip_prefix("unix://") {
-        let socket = PathBuf::from(path);
-        let channel = Endpoint::from_static("http://k8shelld.invalid")
-            .connect_timeout(Duration::from_secs(10))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .connect_with_connector_lazy(tower::service_fn(move |_| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(socket).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }));
-        return Ok(channel);
-    }
-    if endpoint.starts_with("http://") {
-        let endpoint = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|_| DaemonError::Endpoint(endpoint.to_owned()))?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true);
-        return Ok(endpoint.connect_lazy());
-    }
-    Err(DaemonError::Endpoint(endpoint.to_owned()))
+/// A lazily connected channel: the first call connects, later ones
+/// reconnect after failures.
+fn channel(endpoint: &str, tls: Option<&DaemonClientTls>) -> Result<Channel, DaemonError> {
+    Ok(DaemonEndpoint::new(endpoint, tls)?
+        .configure(|e| {
+            e.connect_timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+        })
+        .lazy())
 }
 
 impl DaemonPool {
+    /// An empty pool; `tls` is presented to `https://` endpoints.
+    pub fn new(tls: Option<DaemonClientTls>) -> Self {
+        Self {
+            tls: tls.map(Arc::new),
+            ..Self::default()
+        }
+    }
+
     /// A client of `workspace`'s k8shelld at `endpoint`, acting for the
     /// holder of `user_token`.
     pub async fn client(
@@ -107,7 +100,7 @@ impl DaemonPool {
                 // A restarted workspace may have a new endpoint.
                 Some((known, channel)) if known == endpoint => channel.clone(),
                 _ => {
-                    let fresh = channel(endpoint)?;
+                    let fresh = channel(endpoint, self.tls.as_deref())?;
                     channels.insert(workspace.to_owned(), (endpoint.to_owned(), fresh.clone()));
                     fresh
                 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use k8shell_bus::{Bus, BusConfig, BusMetrics};
+use k8shell_service::daemon_channel::DaemonClientTls;
 use k8shell_service::{AdminServer, Health, RunningService, Shutdown};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
@@ -92,9 +93,26 @@ pub struct Config {
     pub onboarding_provider: String,
     /// Shown before authentication (SSH banner); empty: none.
     pub banner: String,
+    /// The client certificate for k8shelld's mutual TLS, needed when
+    /// workspaces publish `https://` endpoints (the Kubernetes runtime);
+    /// unset: `unix://` and `http://` endpoints only.
+    pub daemon_tls: Option<DaemonTlsFiles>,
     /// Longest a stop waits for connections to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+}
+
+/// PEM files for k8shelld's mutual TLS.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonTlsFiles {
+    /// The workspace CA certificate (the provisioner's
+    /// `workspace-ca/ca.crt`), which signed k8shelld's certificates.
+    pub ca_path: PathBuf,
+    /// A client certificate that CA issued for the proxy.
+    pub cert_path: PathBuf,
+    /// Its private key.
+    pub key_path: PathBuf,
 }
 
 impl Default for Config {
@@ -125,6 +143,7 @@ impl Default for Config {
             ],
             onboarding_provider: String::new(),
             banner: String::new(),
+            daemon_tls: None,
             shutdown_grace: Duration::from_secs(5),
         }
     }
@@ -139,6 +158,12 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     health.register("bus");
     let host_keys = hostkeys::load_or_generate(&config.host_key_dir)
         .with_context(|| format!("host keys in {}", config.host_key_dir.display()))?;
+    let daemon_tls = config
+        .daemon_tls
+        .as_ref()
+        .map(|files| DaemonClientTls::from_files(&files.ca_path, &files.cert_path, &files.key_path))
+        .transpose()
+        .context("daemon_tls")?;
     let bus = Bus::connect(config.bus.clone(), bus_metrics)
         .await
         .context("cannot connect to the event bus")?;
@@ -181,6 +206,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         backends,
         audit::Audit::new(bus.event_store()),
         metrics,
+        daemon::DaemonPool::new(daemon_tls),
     );
     {
         let shutdown = components.clone();

@@ -98,6 +98,7 @@ impl Server {
         backends: Backends,
         audit: Audit,
         metrics: Metrics,
+        daemons: DaemonPool,
     ) -> Self {
         let ssh = russh::server::Config {
             server_id: russh::SshId::Standard(
@@ -131,7 +132,7 @@ impl Server {
                 config,
                 backends,
                 audit,
-                daemons: DaemonPool::default(),
+                daemons,
                 metrics,
             }),
             ssh: Arc::new(ssh),

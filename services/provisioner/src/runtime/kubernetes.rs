@@ -19,12 +19,13 @@ use super::manifests::{
     DAEMON_PORT, DaemonTls, RETAIN_LABEL, daemon_secret_name, render_claims, render_network_policy,
     render_secret, render_service,
 };
-use super::pki::{Issued, WorkspaceCa};
+use super::pki::WorkspaceCa;
 use super::render::{
     self, DaemonAccess, RenderTarget, SPEC_HASH_ANNOTATION, WORKSPACE_CONTAINER, WORKSPACE_LABEL,
 };
 use super::{ActualState, Progress, ProgressSink, Runtime, RuntimeError, RuntimeEvent};
 use crate::blueprint::WorkspaceSpec;
+use k8shell_service::daemon_channel::DaemonClientTls;
 
 /// Field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "k8shell";
@@ -206,8 +207,8 @@ pub struct KubernetesRuntime {
     client: kube::Client,
     config: KubernetesConfig,
     ca: WorkspaceCa,
-    /// The provisioner's client certificate for k8shelld.
-    client_identity: Issued,
+    /// The provisioner's client certificate for k8shelld, with the CA.
+    daemon_tls: DaemonClientTls,
 }
 
 impl KubernetesRuntime {
@@ -227,11 +228,16 @@ impl KubernetesRuntime {
             .unwrap_or_else(|| state_dir.join("workspace-ca"));
         let ca = WorkspaceCa::load_or_create(&ca_dir).map_err(failed)?;
         let client_identity = ca.client("k8shell-provisioner").map_err(failed)?;
+        let daemon_tls = DaemonClientTls {
+            ca_pem: ca.ca_pem.clone(),
+            cert_pem: client_identity.cert_pem,
+            key_pem: client_identity.key_pem,
+        };
         Ok(Self {
             client,
             config,
             ca,
-            client_identity,
+            daemon_tls,
         })
     }
 
@@ -564,29 +570,11 @@ impl Runtime for KubernetesRuntime {
         endpoint: &'a str,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<tonic::transport::Channel, String>> {
-        async move {
-            let Some(rest) = endpoint.strip_prefix("https://") else {
-                return Err(format!("unsupported endpoint {endpoint:?}"));
-            };
-            let host = rest.split(':').next().unwrap_or(rest).to_owned();
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .domain_name(host)
-                .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca.ca_pem))
-                .identity(tonic::transport::Identity::from_pem(
-                    &self.client_identity.cert_pem,
-                    &self.client_identity.key_pem,
-                ));
-            tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-                .map_err(|e| e.to_string())?
-                .tls_config(tls)
-                .map_err(|e| e.to_string())?
-                .connect_timeout(timeout)
-                .timeout(timeout)
-                .connect()
-                .await
-                .map_err(|e| e.to_string())
-        }
-        .boxed()
+        Box::pin(crate::daemon::connect(
+            endpoint,
+            Some(&self.daemon_tls),
+            timeout,
+        ))
     }
 
     fn provision<'a>(

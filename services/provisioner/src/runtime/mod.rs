@@ -92,7 +92,7 @@ pub trait Runtime: Send + Sync + 'static {
         endpoint: &'a str,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<tonic::transport::Channel, String>> {
-        Box::pin(crate::daemon::unix_channel(endpoint, timeout))
+        Box::pin(crate::daemon::connect(endpoint, None, timeout))
     }
 
     /// Makes the workspace run as `spec` says: creates it, starts it when
