@@ -14,6 +14,7 @@ pub async fn run(data_dir: &std::path::Path, json: bool) -> anyhow::Result<ExitC
     };
     let health = k8shell_platform::probe_services(&state).await;
     let all_ready = health.iter().all(|h| h.live && h.ready);
+    let host_keys = k8shell_platform::ssh_host_keys(data_dir)?;
     if json {
         println!(
             "{}",
@@ -24,6 +25,7 @@ pub async fn run(data_dir: &std::path::Path, json: bool) -> anyhow::Result<ExitC
                 "nats_url": state.nats_url,
                 "database_url": state.database_url,
                 "services": health,
+                "ssh_host_keys": host_keys,
             }))?
         );
     } else {
@@ -47,6 +49,12 @@ pub async fn run(data_dir: &std::path::Path, json: bool) -> anyhow::Result<ExitC
             );
             if !h.ready {
                 println!("    {}", h.detail);
+            }
+        }
+        if !host_keys.is_empty() {
+            println!("SSH host keys (compare with ssh's first-connection prompt):");
+            for key in &host_keys {
+                println!("  {:<20} {}", key.algorithm, key.sha256);
             }
         }
     }

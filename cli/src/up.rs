@@ -136,6 +136,14 @@ fn print_banner(platform: &Platform, data_dir: &std::path::Path) {
             .collect();
         println!("  {:<12}{}", service.name, listeners.join(", "));
     }
+    match k8shell_platform::ssh_host_keys(data_dir) {
+        Ok(keys) => {
+            for key in keys {
+                println!("  ssh host key {:<20} {}", key.algorithm, key.sha256);
+            }
+        }
+        Err(error) => eprintln!("cannot read the SSH host keys: {error:#}"),
+    }
     println!("`k8shell status` shows health; Ctrl-C stops everything.");
 }
 

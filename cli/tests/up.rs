@@ -123,6 +123,22 @@ async fn up_reports_healthy_stops_within_five_seconds_and_keeps_data() {
             .iter()
             .all(|s| s["ready"] == true)
     );
+    // The SSH host keys users check at their first connection, as
+    // ssh-keygen prints them.
+    let host_keys = health["ssh_host_keys"].as_array().unwrap();
+    assert_eq!(host_keys.len(), 3, "{health}");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-l", "-E", "sha256", "-f"])
+        .arg(dir.path().join("sshproxy/ssh_host_ed25519_key"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let printed = String::from_utf8_lossy(&keygen.stdout);
+    assert_eq!(host_keys[0]["algorithm"], "ssh-ed25519");
+    assert!(
+        printed.contains(host_keys[0]["sha256"].as_str().unwrap()),
+        "{printed} vs {health}"
+    );
 
     // A second `up` on the same data directory is refused with a clear error.
     let second = Command::new(BIN)

@@ -20,7 +20,20 @@ pub use config::{
     PlatformConfig, Ports, SignIn, TokenTtls, WorkspaceOptions, default_data_dir,
     default_policies_dir,
 };
+pub use k8shell_sshproxy::hostkeys::Fingerprint;
 pub use state::{PlatformState, ServiceState};
+
+/// Where the SSH proxy of the platform in `data_dir` keeps its host keys.
+fn ssh_host_key_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("sshproxy")
+}
+
+/// The SSH proxy's host key fingerprints (none before its first start).
+pub fn ssh_host_keys(data_dir: &std::path::Path) -> anyhow::Result<Vec<Fingerprint>> {
+    Ok(k8shell_sshproxy::hostkeys::fingerprints(
+        &ssh_host_key_dir(data_dir),
+    )?)
+}
 pub use status::{ServiceHealth, probe_services};
 
 /// Every projection of every service, with the schema it lives in.
@@ -212,7 +225,7 @@ impl Platform {
                 identity_url: format!("http://{identity_grpc}"),
                 authz_url: format!("http://{authz_grpc}"),
                 provisioner_url: format!("http://{provisioner_grpc}"),
-                host_key_dir: config.data_dir.join("sshproxy"),
+                host_key_dir: ssh_host_key_dir(&config.data_dir),
                 onboarding_provider: config.sign_in.ssh_onboarding_provider.clone(),
                 ..Default::default()
             },

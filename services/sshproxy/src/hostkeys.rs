@@ -85,6 +85,36 @@ pub fn load_or_generate(dir: &Path) -> Result<Vec<PrivateKey>, HostKeyError> {
     Ok(keys)
 }
 
+/// A host key as clients see it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Fingerprint {
+    /// `ssh-ed25519`, `ecdsa-sha2-nistp256`, `ssh-rsa`.
+    pub algorithm: String,
+    /// `SHA256:…`, as `ssh` and `ssh-keygen -l` print it.
+    pub sha256: String,
+}
+
+/// The fingerprints of the host keys in `dir` that exist (none are
+/// generated), in the order the server offers them — what users compare
+/// with the prompt of their first connection.
+pub fn fingerprints(dir: &Path) -> Result<Vec<Fingerprint>, HostKeyError> {
+    let mut found = Vec::new();
+    for (file, _) in KEYS {
+        let path = dir.join(file);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(io(&path)(error)),
+        };
+        let public = parse(&path, &text)?.public_key().clone();
+        found.push(Fingerprint {
+            algorithm: public.algorithm().to_string(),
+            sha256: public.fingerprint(Default::default()).to_string(),
+        });
+    }
+    Ok(found)
+}
+
 fn parse(path: &Path, text: &str) -> Result<PrivateKey, HostKeyError> {
     let key = PrivateKey::from_openssh(text).map_err(|e| HostKeyError::Invalid {
         path: path.to_owned(),
@@ -160,6 +190,24 @@ fn write(path: &Path, key: &PrivateKey) -> Result<(), HostKeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_are_those_of_the_keys_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(fingerprints(dir.path()).unwrap().is_empty());
+        let keys = load_or_generate(dir.path()).unwrap();
+        let listed = fingerprints(dir.path()).unwrap();
+        assert_eq!(listed.len(), 3);
+        for (key, listed) in keys.iter().zip(&listed) {
+            assert_eq!(listed.algorithm, key.public_key().algorithm().to_string());
+            assert_eq!(
+                listed.sha256,
+                key.public_key().fingerprint(Default::default()).to_string()
+            );
+            assert!(listed.sha256.starts_with("SHA256:"));
+        }
+        assert_eq!(listed[0].algorithm, "ssh-ed25519");
+    }
 
     #[test]
     fn keys_are_generated_once_and_reloaded() {
