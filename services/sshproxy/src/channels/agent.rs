@@ -8,7 +8,7 @@ use std::sync::Arc;
 use k8shell_proto::k8shelld::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use crate::channels::forward::splice_accepted;
+use crate::channels::forward::{accept_each, splice_accepted};
 use crate::daemon::DaemonClient;
 use crate::handler::Conn;
 
@@ -45,31 +45,22 @@ pub async fn listen(
         Ok(None) => return Err("k8shelld closed the agent listener".to_owned()),
         Err(status) => return Err(status.message().to_owned()),
     }
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                next = accepted.message() => next,
-            };
-            let Ok(Some(connection)) = next else {
+    accept_each(accepted, stop, move |connection| {
+        let conn = Arc::clone(&conn);
+        let client = client.clone();
+        tokio::spawn(async move {
+            let Some(handle) = conn.handle().cloned() else {
                 return;
             };
-            let conn = Arc::clone(&conn);
-            let client = client.clone();
-            tokio::spawn(async move {
-                let Some(handle) = conn.handle().cloned() else {
+            let channel = match handle.channel_open_agent().await {
+                Ok(channel) => channel,
+                Err(error) => {
+                    tracing::info!(session = %conn.id, %error, "the client refused an agent channel");
                     return;
-                };
-                let channel = match handle.channel_open_agent().await {
-                    Ok(channel) => channel,
-                    Err(error) => {
-                        tracing::info!(session = %conn.id, %error, "the client refused an agent channel");
-                        return;
-                    }
-                };
-                splice_accepted(&conn, &client, channel, connection.connection_id).await;
-            });
-        }
+                }
+            };
+            splice_accepted(&conn, &client, channel, connection.connection_id).await;
+        });
     });
     Ok(())
 }

@@ -256,6 +256,27 @@ pub async fn splice<Req, Resp>(
     }
 }
 
+/// Hands each connection k8shelld accepts on a listener (`-R`, agent
+/// sockets) to `each`, until `stop` or the listener ends.
+pub fn accept_each<T: Send + 'static>(
+    mut accepted: tonic::Streaming<T>,
+    stop: tokio_util::sync::CancellationToken,
+    mut each: impl FnMut(T) + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                next = accepted.message() => next,
+            };
+            let Ok(Some(connection)) = next else {
+                return;
+            };
+            each(connection);
+        }
+    });
+}
+
 /// Claims connection `connection_id` (accepted by k8shelld's
 /// `UnixSocketListen` or `TcpListen`) and splices it onto `channel`.
 pub async fn splice_accepted(

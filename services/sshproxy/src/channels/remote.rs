@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use k8shell_proto::k8shelld::v1 as pb;
 
-use crate::channels::forward::splice_accepted;
+use crate::channels::forward::{accept_each, splice_accepted};
 use crate::handler::Conn;
 
 /// Starts listening for `-R address:port`; returns the bound port.
@@ -48,23 +48,14 @@ pub async fn start(conn: Arc<Conn>, address: String, port: u32) -> Result<u32, S
     let stop = conn.closed.child_token();
     conn.remote_forwards()
         .insert((address.clone(), bound), stop.clone());
-    tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                _ = stop.cancelled() => return,
-                next = accepted.message() => next,
-            };
-            let Ok(Some(connection)) = next else {
-                return;
-            };
-            tokio::spawn(forward_one(
-                Arc::clone(&conn),
-                client.clone(),
-                address.clone(),
-                bound,
-                connection,
-            ));
-        }
+    accept_each(accepted, stop, move |connection| {
+        tokio::spawn(forward_one(
+            Arc::clone(&conn),
+            client.clone(),
+            address.clone(),
+            bound,
+            connection,
+        ));
     });
     Ok(bound)
 }
